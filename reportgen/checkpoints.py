@@ -1,0 +1,247 @@
+"""Checkpoint discovery, format detection and loading.
+
+A checkpoint is untrusted input: it is read with `torch.load(weights_only=True)`, which refuses
+anything but tensors and plain containers. The format is detected from the keys, never the name.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ReportgenError
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+TRM_PREFIXES = ("_orig_mod.", "model.", "inner.")
+# all_config.yaml `arch` fields that TRMConfig takes; the rest are training-only or descriptive
+TRM_ARCH_FIELDS = (
+    "hidden_size", "num_heads", "expansion", "H_cycles", "L_cycles", "L_layers", "halt_max_steps",
+    "puzzle_emb_ndim", "puzzle_emb_len", "pos_encodings", "forward_dtype", "mlp_t",
+)
+TRM_ARCH_IGNORED = ("name", "loss", "H_layers", "halt_exploration_prob", "no_ACT_continue")
+
+
+def safe_name(text: str) -> str:
+    """A folder name that cannot escape the output folder: spaces and separators become '-'."""
+    name = UNSAFE.sub("-", text).strip("-.")
+    return name or "run"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: Path
+    run: str  # output folder name of the run (sanitised parent folder name)
+    name: str  # output folder name of the checkpoint (e.g. step_400)
+    step: int | None
+
+    @property
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+
+def _ref(path: Path) -> CheckpointRef:
+    m = STEP_RE.match(path.name)
+    step = int(m.group(1)) if m else None
+    return CheckpointRef(path=path, run=safe_name(path.parent.resolve().name), name=safe_name(path.stem if not m else path.name), step=step)
+
+
+def discover(specs: list[str]) -> list[CheckpointRef]:
+    """Checkpoint files from paths, run folders (every step_N inside) or globs, ordered by run and step."""
+    if not specs:
+        raise ReportgenError("no checkpoint given: pass --ckpt PATH")
+    found: dict[Path, CheckpointRef] = {}
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            steps = [q for q in p.iterdir() if q.is_file() and STEP_RE.match(q.name)]
+            if not steps:
+                raise ReportgenError(f"{p}: folder holds no step_N checkpoint files")
+            paths = steps
+        elif p.is_file():
+            paths = [p]
+        elif any(c in spec for c in "*?["):
+            paths = [Path(q) for q in sorted(glob.glob(spec)) if Path(q).is_file()]
+            if not paths:
+                raise ReportgenError(f"{spec}: the pattern matches no checkpoint file")
+        else:
+            raise ReportgenError(f"{p}: checkpoint not found")
+        for q in paths:
+            found.setdefault(q.resolve(), _ref(q))
+    return sorted(found.values(), key=lambda r: (r.run, r.step if r.step is not None else -1, r.name))
+
+
+def read_state_dict(path: Path) -> dict:
+    """Tensors of a checkpoint file, loaded on CPU with weights_only=True."""
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReportgenError(
+            f"{path}: refused to load: it holds pickled Python objects that weights_only=True does not allow "
+            f"({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReportgenError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # {"model", "optimizers", "step", ...} variant seen in forks
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ReportgenError(f"{path}: not a TRM checkpoint (expected a state dict of named tensors)")
+    return obj
+
+
+def strip_trm_prefixes(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for pre in TRM_PREFIXES:
+            if k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+def is_trm(sd: dict) -> bool:
+    return "embed_tokens.embedding_weight" in sd and "lm_head.weight" in sd and any(k.startswith("L_level.layers.") for k in sd)
+
+
+@dataclass
+class TRMSubject:
+    """A loaded TRM checkpoint ready to probe."""
+
+    ref: CheckpointRef
+    model: object  # reportgen.models.trm.TRM, in eval mode on CPU
+    config: object  # TRMConfig as run (forward_dtype possibly overridden)
+    trained_dtype: str  # forward_dtype of the checkpoint's config
+    run_config: dict  # the whole all_config.yaml, or {} when missing
+    config_path: Path | None
+    notes: list[str] = field(default_factory=list)
+    kind: str = "trm"
+
+
+def read_run_config(ckpt: Path) -> tuple[dict, Path | None]:
+    import yaml
+
+    path = ckpt.parent / "all_config.yaml"
+    if not path.is_file():
+        return {}, None
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ReportgenError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("arch"), dict):
+        raise ReportgenError(f"{path}: has no 'arch' mapping (not an upstream TRM all_config.yaml)")
+    return cfg, path
+
+
+def trm_config_from(sd: dict, run_config: dict, dataset_meta: dict | None, config_path: Path | None):
+    """TRMConfig from all_config.yaml, tensor shapes and dataset.json; records each field's source."""
+    from .models.trm import TRMConfig
+
+    src: dict[str, str] = {}
+    kw: dict = {}
+    arch = run_config.get("arch", {})
+    ycfg = config_path.name if config_path else None
+    for k in TRM_ARCH_FIELDS:
+        if k in arch:
+            kw[k] = arch[k]
+            src[k] = ycfg
+    unknown = sorted(set(arch) - set(TRM_ARCH_FIELDS) - set(TRM_ARCH_IGNORED))
+    if unknown:
+        raise ReportgenError(f"{config_path}: unknown arch field(s) {', '.join(unknown)} (not a TRM config reportgen knows)")
+
+    # From shapes: these must agree with the weights whatever the YAML says.
+    V, D = sd["embed_tokens.embedding_weight"].shape
+    kw["vocab_size"], src["vocab_size"] = int(V), "tensor shapes"
+    if "hidden_size" not in kw:
+        kw["hidden_size"], src["hidden_size"] = int(D), "tensor shapes"
+    if "L_layers" not in kw:
+        kw["L_layers"] = len({k.split(".")[2] for k in sd if k.startswith("L_level.layers.")})
+        src["L_layers"] = "tensor shapes"
+    if "mlp_t" not in kw:
+        kw["mlp_t"], src["mlp_t"] = any(".mlp_t." in k for k in sd), "tensor shapes"
+    if "puzzle_emb.weights" in sd:
+        n_ids, ndim = sd["puzzle_emb.weights"].shape
+        kw["num_puzzle_identifiers"], src["num_puzzle_identifiers"] = int(n_ids), "tensor shapes"
+        if "puzzle_emb_ndim" not in kw:
+            kw["puzzle_emb_ndim"], src["puzzle_emb_ndim"] = int(ndim), "tensor shapes"
+    elif "puzzle_emb_ndim" not in kw:
+        kw["puzzle_emb_ndim"], src["puzzle_emb_ndim"] = 0, "tensor shapes"
+    if "pos_encodings" not in kw and "embed_pos.embedding_weight" in sd:
+        kw["pos_encodings"], src["pos_encodings"] = "learned", "tensor shapes"
+    if "expansion" not in kw:
+        g = sd.get("L_level.layers.0.mlp.gate_up_proj.weight")
+        if g is not None:
+            kw["expansion"], src["expansion"] = round(g.shape[0] / 2 * 3 / 2 / kw["hidden_size"]), "tensor shapes (approx.)"
+    if dataset_meta is not None:
+        kw["seq_len"], src["seq_len"] = int(dataset_meta["seq_len"]), "dataset.json"
+    if kw.get("mlp_t") and "puzzle_emb_len" not in kw:
+        t = sd.get("L_level.layers.0.mlp_t.gate_up_proj.weight")
+        if t is not None:
+            kw["puzzle_emb_len"] = int(t.shape[1]) - kw.get("seq_len", 81)
+            src["puzzle_emb_len"] = "tensor shapes"
+    for k in TRM_ARCH_FIELDS:
+        if k not in kw:
+            src[k] = "upstream default (assumed)"
+    for k in ("seq_len", "rms_norm_eps", "rope_theta"):
+        src.setdefault(k, "upstream default")
+    try:
+        cfg = TRMConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ReportgenError(f"{config_path or 'checkpoint'}: invalid TRM config ({e})") from None
+    cfg.sources = src
+    return cfg
+
+
+def load_trm(ref: CheckpointRef, sd: dict, run_config: dict, config_path: Path | None,
+             dataset_meta: dict | None, dtype: str = "float32") -> TRMSubject:
+    """Build our TRM from a stripped upstream state dict and check every tensor against the config."""
+    import torch
+
+    from .models.trm import TRM
+
+    cfg = trm_config_from(sd, run_config, dataset_meta, config_path)
+    trained_dtype = cfg.forward_dtype
+    if dtype == "float32":
+        cfg.forward_dtype = "float32"
+    elif dtype != "config":
+        raise ReportgenError(f"--dtype must be float32 or config, not {dtype!r}")
+    torch.manual_seed(0)
+    model = TRM(cfg)
+    expected = model.state_dict()
+    where = config_path.name if config_path else "the derived config"
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    if missing or extra:
+        what = []
+        if missing:
+            what.append(f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+        if extra:
+            what.append(f"unexpected {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
+        raise ReportgenError(f"{ref.path}: tensors do not match {where}: {'; '.join(what)}")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise ReportgenError(
+                f"{ref.path}: tensor {k} has shape {list(sd[k].shape)} but {where} "
+                f"(hidden_size={cfg.hidden_size}, num_heads={cfg.num_heads}, expansion={cfg.expansion}) needs {list(t.shape)}"
+            )
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    model.eval()
+    notes = []
+    if config_path is None:
+        notes.append(
+            "No all_config.yaml beside the checkpoint: the configuration was derived from tensor shapes and "
+            "dataset.json; fields marked 'upstream default (assumed)' could not be derived."
+        )
+    return TRMSubject(ref=ref, model=model, config=cfg, trained_dtype=trained_dtype, run_config=run_config,
+                      config_path=config_path, notes=notes)

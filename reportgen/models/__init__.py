@@ -1,0 +1,1 @@
+"""Model definitions reportgen can run: see trm.py."""
