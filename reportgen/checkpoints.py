@@ -146,7 +146,7 @@ def read_run_config(ckpt: Path) -> tuple[dict, Path | None]:
 
 def trm_config_from(sd: dict, run_config: dict, dataset_meta: dict | None, config_path: Path | None):
     """TRMConfig from all_config.yaml, tensor shapes and dataset.json; records each field's source."""
-    from .models.trm import TRMConfig
+    from .models.trm import TRMConfig, inner_width
 
     src: dict[str, str] = {}
     kw: dict = {}
@@ -181,8 +181,9 @@ def trm_config_from(sd: dict, run_config: dict, dataset_meta: dict | None, confi
         kw["pos_encodings"], src["pos_encodings"] = "learned", "tensor shapes"
     if "expansion" not in kw:
         g = sd.get("L_level.layers.0.mlp.gate_up_proj.weight")
-        if g is not None:
-            kw["expansion"], src["expansion"] = round(g.shape[0] / 2 * 3 / 2 / kw["hidden_size"]), "tensor shapes (approx.)"
+        fits = [e for e in (4, 2, 1, 3, 6, 8) if g is not None and 2 * inner_width(e, kw["hidden_size"]) == g.shape[0]]
+        if fits:  # the SwiGLU width is rounded up to 256, so several expansions can fit; upstream's 4 first
+            kw["expansion"], src["expansion"] = fits[0], "tensor shapes"
     if dataset_meta is not None:
         kw["seq_len"], src["seq_len"] = int(dataset_meta["seq_len"]), "dataset.json"
     if kw.get("mlp_t") and "puzzle_emb_len" not in kw:

@@ -1,0 +1,205 @@
+"""Solving statistics over the selected puzzles, per ACT step: blank-cell accuracy and exact-solve
+rate, cells changed, halting precision/recall (q_halt > 0 against "board fully correct"), confidence
+of right and wrong cells, a calibration curve at the last step, steps to the first correct board,
+and which cells the model revises most. They answer the questions at the end of seed 003:
+how many steps a puzzle takes, which cells are refined, whether confidence tracks accuracy, and
+whether the model halts when it should.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reportgen.boards import Cell, board_height, draw_board
+from reportgen.figures import ACCENT, BAD, CHANGED, GOOD, INK, MUTED, Canvas, Figure, mix, mpl_figure
+
+NAME = "solving_stats"
+TITLE = "Solving statistics"
+SUBJECTS = ("trm",)
+
+
+@dataclass
+class Params:
+    calibration_bins: int = 10
+
+    def __post_init__(self):
+        if self.calibration_bins < 2:
+            raise ValueError("calibration_bins must be at least 2")
+
+
+def _ratio(num, den):
+    return float(num) / float(den) if den else None
+
+
+def _mean(a):
+    return float(a.mean()) if a.size else None
+
+
+def compute(trace, params: Params) -> dict:
+    preds, labels, inputs, conf = trace.preds, trace.labels, trace.inputs, trace.confidence
+    T, N = trace.steps, trace.n
+    correct = preds == labels[None]  # [T, N, 81]
+    blank = np.broadcast_to(inputs == 1, correct.shape)  # [T, N, 81]
+    solved = correct.all(-1)  # [T, N]
+    halt = trace.q_halt > 0  # [T, N]
+    per_step = []
+    for t in range(T):
+        b, c = blank[t], correct[t]
+        tp = int((halt[t] & solved[t]).sum())
+        per_step.append({
+            "step": t + 1,
+            "blank_accuracy": _mean(c[b]),
+            "exact_solve_rate": float(solved[t].mean()),
+            "cells_changed": float((preds[t] != preds[t - 1]).sum(-1).mean()) if t else None,
+            "mean_q_halt": float(trace.q_halt[t].mean()),
+            "halt_rate": float(halt[t].mean()),
+            "halt_precision": _ratio(tp, halt[t].sum()),
+            "halt_recall": _ratio(tp, solved[t].sum()),
+            "confidence_correct": _mean(conf[t][b & c]),
+            "confidence_wrong": _mean(conf[t][b & ~c]),
+        })
+    # calibration at the last step over blank cells
+    cf, ok = conf[-1][blank[-1]], correct[-1][blank[-1]]
+    edges = np.linspace(0.0, 1.0, params.calibration_bins + 1)
+    which = np.clip(np.digitize(cf, edges[1:-1]), 0, params.calibration_bins - 1)
+    bins, ece = [], 0.0
+    for k in range(params.calibration_bins):
+        m = which == k
+        n = int(m.sum())
+        acc, mc = _mean(ok[m].astype(float)), _mean(cf[m])
+        bins.append({"lo": float(edges[k]), "hi": float(edges[k + 1]), "count": n, "mean_confidence": mc, "accuracy": acc})
+        if n:
+            ece += n / cf.size * abs(acc - mc)
+    first_correct = [int(np.flatnonzero(solved[:, i])[0]) + 1 if solved[:, i].any() else None for i in range(N)]
+    hist = {str(s): first_correct.count(s) for s in range(1, T + 1)}
+    hist["never"] = first_correct.count(None)
+    # how often each cell changes across the steps, averaged over puzzles (blank cells only)
+    changes = (preds[1:] != preds[:-1]).sum(0).astype(float)  # [N, 81]
+    n_blank = (inputs == 1).sum(0)
+    cell_changes = np.where(n_blank > 0, (changes * (inputs == 1)).sum(0) / np.maximum(n_blank, 1), np.nan)
+    last = per_step[-1]
+    solved_steps = [s for s in first_correct if s is not None]
+    return {
+        "puzzles": int(N),
+        "steps": int(T),
+        "per_step": per_step,
+        "calibration": {"bins": bins, "ece": float(ece) if cf.size else None, "cells": int(cf.size)},
+        "first_correct_step": first_correct,
+        "first_correct_histogram": hist,
+        "cell_changes": [None if np.isnan(v) else round(float(v), 5) for v in cell_changes],
+        "halting_last_step": {
+            "true_positive": int((halt[-1] & solved[-1]).sum()),
+            "false_positive": int((halt[-1] & ~solved[-1]).sum()),
+            "false_negative": int((~halt[-1] & solved[-1]).sum()),
+            "true_negative": int((~halt[-1] & ~solved[-1]).sum()),
+        },
+        "summary": {
+            "blank_accuracy": last["blank_accuracy"],
+            "exact_solve_rate": last["exact_solve_rate"],
+            "mean_steps_to_first_correct": float(np.mean(solved_steps)) if solved_steps else None,
+            "halt_precision": last["halt_precision"],
+            "halt_recall": last["halt_recall"],
+        },
+    }
+
+
+def metrics(data: dict) -> dict:
+    return dict(data["summary"])
+
+
+def _nan(v):
+    return np.nan if v is None else v
+
+
+def _step_ticks(*axes):
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+
+
+def figures(data: dict, params: Params) -> list[Figure]:
+    ps = data["per_step"]
+    steps = [p["step"] for p in ps]
+    T = data["steps"]
+
+    fig, ax = mpl_figure(1, 2, (6.6, 2.5))
+    a, b = ax[0]
+    a.plot(steps, [_nan(p["blank_accuracy"]) for p in ps], marker="o", ms=3, color=ACCENT, label="blank-cell accuracy")
+    a.plot(steps, [p["exact_solve_rate"] for p in ps], marker="s", ms=3, color=GOOD, label="exact-solve rate")
+    a.set(xlabel="ACT step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy per step")
+    a.legend(loc="best")
+    b.bar(steps[1:], [p["cells_changed"] for p in ps[1:]], color=CHANGED, edgecolor="#9a6700", linewidth=0.5)
+    b.set(xlabel="ACT step", ylabel="cells changed per puzzle", title="(b) cells revised since previous step")
+    _step_ticks(a, b)
+    f1 = Figure("accuracy", (
+        f"Accuracy and revisions per ACT step over {data['puzzles']} puzzles. (a) Fraction of blank cells predicted "
+        "correctly and fraction of boards fully correct after each step. (b) Mean number of cells whose prediction "
+        "changed from the previous step: a model that has settled stops revising."), fig,
+        alt="Line plot of accuracy per step and bar chart of cells changed per step")
+
+    fig, ax = mpl_figure(1, 2, (6.6, 2.6))
+    a, b = ax[0]
+    cal = [x for x in data["calibration"]["bins"] if x["count"]]
+    a.plot([0, 1], [0, 1], color=MUTED, lw=0.8, ls="--", label="perfect calibration")
+    a.plot([x["mean_confidence"] for x in cal], [x["accuracy"] for x in cal], marker="o", ms=3, color=ACCENT, label="model")
+    for x in cal:
+        a.annotate(str(x["count"]), (x["mean_confidence"], x["accuracy"]), fontsize=6, color=MUTED,
+                   xytext=(2, -7), textcoords="offset points")
+    ece = data["calibration"]["ece"]
+    a.set(xlabel="confidence (max softmax)", ylabel="accuracy", xlim=(0, 1.02), ylim=(-0.02, 1.02),
+          title=f"(a) calibration at step {T}" + (f", ECE {ece:.3f}" if ece is not None else ""))
+    a.legend(loc="upper left")
+    b.plot(steps, [_nan(p["confidence_correct"]) for p in ps], marker="o", ms=3, color=GOOD, label="correct cells")
+    b.plot(steps, [_nan(p["confidence_wrong"]) for p in ps], marker="o", ms=3, color=BAD, label="wrong cells")
+    b.set(xlabel="ACT step", ylabel="mean confidence", ylim=(-0.02, 1.02), title="(b) confidence of right and wrong cells")
+    b.legend(loc="best")
+    _step_ticks(b)
+    f2 = Figure("confidence", (
+        "Does confidence track accuracy? (a) Reliability diagram of the blank cells after the last step: cells are "
+        "binned by confidence and each point gives the bin's accuracy (numbers: cells per bin); points under the "
+        "diagonal are over-confident. ECE is the count-weighted mean gap. (b) Mean confidence of correct and of "
+        "wrong blank cells at each step."), fig, alt="Reliability diagram and confidence per step")
+
+    fig, ax = mpl_figure(1, 2, (6.6, 2.5))
+    a, b = ax[0]
+    a.plot(steps, [_nan(p["halt_precision"]) for p in ps], marker="o", ms=3, color=ACCENT, label="precision")
+    a.plot(steps, [_nan(p["halt_recall"]) for p in ps], marker="s", ms=3, color=GOOD, label="recall")
+    a.plot(steps, [p["halt_rate"] for p in ps], color=MUTED, lw=1, ls=":", label="share halting")
+    a.set(xlabel="ACT step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) halting signal q_halt > 0")
+    a.legend(loc="best")
+    _step_ticks(a)
+    h = data["first_correct_histogram"]
+    keys = list(h)
+    b.bar(range(len(keys)), [h[k] for k in keys], color=[ACCENT] * (len(keys) - 1) + [BAD])
+    b.set_xticks(range(len(keys)), keys if len(keys) <= 17 else [k if i % 2 == 0 or k == "never" else "" for i, k in enumerate(keys)])
+    b.set(xlabel="first step with a fully correct board", ylabel="puzzles", title="(b) steps to solve")
+    b.yaxis.get_major_locator().set_params(integer=True)
+    f3 = Figure("halting", (
+        "Does the model halt when it should? (a) Precision: of the puzzles whose q_halt > 0 at a step, the share "
+        "whose board is fully correct; recall: of the fully correct boards, the share with q_halt > 0 (gaps: no "
+        "puzzle in the denominator). (b) Number of puzzles by the first ACT step at which the board is fully "
+        "correct ('never': not solved within the steps run)."), fig, alt="Halting precision and recall, steps to solve")
+
+    figs = [f1, f2, f3]
+    ch = data["cell_changes"]
+    vals = [v for v in ch if v is not None]
+    top = max(vals) if vals else 0.0
+    cell = 22
+    c = Canvas(9 * cell + 8 + 150, board_height(cell, 1) + 8)
+    cells = []
+    for v in ch:
+        if v is None:
+            cells.append(Cell("", fill="#f6f8fa"))
+        else:
+            t = v / top if top > 0 else 0.0
+            cells.append(Cell(f"{v:.1f}", fill=mix("#ffffff", CHANGED, t), color=INK))
+    draw_board(c, 4, 4, cells, cell=cell, title="mean revisions per cell", font_scale=0.4)
+    c.text(9 * cell + 16, 40, f"max {top:.2f} revisions", size=9, anchor="start")
+    c.text(9 * cell + 16, 56, "blank in no puzzle: grey", size=9, anchor="start", fill=MUTED)
+    figs.append(Figure("cell-revisions", (
+        f"Which cells does the model refine most? Mean number of times each cell's prediction changed over the "
+        f"{T} ACT steps, averaged over the puzzles in which the cell is blank (darker = revised more)."), c,
+        alt="Sudoku board heat map of revisions per cell"))
+    return figs

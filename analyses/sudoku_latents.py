@@ -1,0 +1,121 @@
+"""Latent panels (the TRM paper's Figure 6): per puzzle, the input x, target y, prediction ŷ,
+the tokenized z_H and z_L after the last ACT step, and a sixth panel of correctness shaded by
+confidence. A latent vector is "tokenized" by reverse embedding: the token whose embedding has the
+largest dot product (default) or cosine similarity with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reportgen.boards import Cell, board_height, draw_board, given_cell, token_str
+from reportgen.figures import ACCENT, BAD, GIVEN_BG, GOOD, INK, MUTED, Canvas, Figure, mix
+from reportgen.probes import reverse_embed
+
+NAME = "sudoku_latents"
+TITLE = "Latent panels"
+SUBJECTS = ("trm",)
+
+
+@dataclass
+class Params:
+    method: str = "dot"  # reverse embedding: dot | cosine
+
+    def __post_init__(self):
+        if self.method not in ("dot", "cosine"):
+            raise ValueError(f"method must be dot or cosine, not {self.method!r}")
+
+
+def compute(trace, params: Params) -> dict:
+    P = trace.prefix_len
+    if params.method == "dot":
+        zh, zl = trace.z_H_tokens[-1], trace.z_L_tokens[-1]  # [N, 81], computed by the probe
+    else:
+        zh = reverse_embed(trace.z_H[:, P:], trace.embedding, "cosine")
+        zl = reverse_embed(trace.z_L[:, P:], trace.embedding, "cosine")
+    pred, conf = trace.preds[-1], trace.confidence[-1]
+    samples = []
+    for i in range(trace.n):
+        inp, lab = trace.inputs[i], trace.labels[i]
+        blank = inp == 1
+        correct = pred[i] == lab
+        samples.append({
+            "puzzle_index": int(trace.puzzle_index[i]),
+            "inputs": inp.tolist(),
+            "labels": lab.tolist(),
+            "preds": pred[i].tolist(),
+            "confidence": np.round(conf[i], 5).tolist(),
+            "z_H_tokens": zh[i].tolist(),
+            "z_L_tokens": zl[i].tolist(),
+            "blanks": int(blank.sum()),
+            "blank_accuracy": float(correct[blank].mean()) if blank.any() else 1.0,
+            "solved": bool(correct.all()),
+            "z_H_matches_target": float((zh[i] == lab).mean()),
+            "z_L_matches_target": float((zl[i] == lab).mean()),
+        })
+    return {"method": params.method, "step": int(trace.steps), "samples": samples}
+
+
+PANELS = ("Input x", "Target y", "Prediction ŷ", "Tokenized z_H", "Tokenized z_L", "Correct? (shade = confidence)")
+
+
+def panel_cells(s: dict) -> list[list[Cell]]:
+    """The six panels of one sample as lists of 81 styled cells."""
+    inp, lab, pred, conf = s["inputs"], s["labels"], s["preds"], s["confidence"]
+    given = [t != 1 for t in inp]
+    panels: list[list[Cell]] = [[] for _ in PANELS]
+    for k in range(81):
+        g = given[k]
+        panels[0].append(given_cell(inp[k]) if g else Cell())
+        panels[1].append(given_cell(lab[k]) if g else Cell(token_str(lab[k])))
+        ok = pred[k] == lab[k]
+        panels[2].append(given_cell(pred[k]) if g and ok else Cell(token_str(pred[k], "·"), color=INK if ok else BAD,
+                                                                   bold=not ok, mark=None if ok else BAD))
+        for p, key in ((3, "z_H_tokens"), (4, "z_L_tokens")):
+            t = s[key][k]
+            panels[p].append(Cell(token_str(t, "·"), fill=mix("#ffffff", ACCENT, 0.18) if t == lab[k] else None,
+                                  color=INK if t == lab[k] else MUTED))
+        if g:
+            panels[5].append(Cell(token_str(pred[k], "·"), fill=GIVEN_BG, color=MUTED))
+        else:
+            base = GOOD if ok else BAD
+            shade = 0.15 + 0.7 * float(conf[k])
+            panels[5].append(Cell(token_str(pred[k], "·"), fill=mix("#ffffff", base, shade),
+                                  color="#ffffff" if shade > 0.55 else INK, bold=not ok))
+    return panels
+
+
+def draw_sample(s: dict, cell: float = 20, cols: int = 3) -> Canvas:
+    gap_x, gap_y = 18, 10
+    bw, bh = 9 * cell, board_height(cell, 1)
+    rows = -(-len(PANELS) // cols)
+    c = Canvas(cols * bw + (cols - 1) * gap_x + 8, rows * bh + (rows - 1) * gap_y + 8)
+    for p, (name, cells) in enumerate(zip(PANELS, panel_cells(s))):
+        r, q = divmod(p, cols)
+        draw_board(c, 4 + q * (bw + gap_x), 4 + r * (bh + gap_y), cells, cell=cell, title=name)
+    return c
+
+
+def figures(data: dict, params: Params) -> list[Figure]:
+    out = []
+    how = "largest dot product" if data["method"] == "dot" else "largest cosine similarity"
+    for i, s in enumerate(data["samples"]):
+        verdict = "solved" if s["solved"] else f"{s['blank_accuracy']:.0%} of {s['blanks']} blanks correct"
+        out.append(Figure(
+            key=f"sample-{i}",
+            caption=(
+                f"Puzzle {s['puzzle_index']} after ACT step {data['step']} ({verdict}). Grey cells are givens. "
+                f"ŷ marks wrong cells in red with a corner tick. z_H and z_L are tokenized by the token with the "
+                f"{how} to each cell's latent vector (· = the blank token); tinted cells equal the target. The last "
+                f"panel colours blanks green (correct) or red (wrong), darker for higher confidence (max softmax)."
+            ),
+            drawing=draw_sample(s),
+            alt=f"Six Sudoku boards for puzzle {s['puzzle_index']}",
+        ))
+    return out
+
+
+def metrics(data: dict) -> dict:
+    s = data["samples"]
+    return {"z_H_matches_target": float(np.mean([x["z_H_matches_target"] for x in s]))}

@@ -1,0 +1,259 @@
+"""Build orchestration: checkpoint → subject → probe → analyses → figures → HTML/PDF → site.
+
+`run_build` first validates every option, then per checkpoint gathers all data before writing
+anything, writes the report into a temporary folder and swaps it in, and finally rewrites the site index.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import ReportgenError
+
+FORMATS = ("html", "pdf")
+
+
+@dataclass
+class BuildOptions:
+    ckpts: list[str]
+    out: str = "site"
+    data: str | None = None
+    split: str = "test"
+    samples: int = 5
+    select: str = "first"
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    only: list[str] | None = None
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    config: str | None = None
+    params: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+
+class Timer:
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _validate(opts: BuildOptions):
+    import analyses
+
+    if opts.split not in ("test", "train"):
+        raise ReportgenError(f"--split must be test or train, not {opts.split!r}")
+    if opts.select not in ("first", "random"):
+        raise ReportgenError(f"--select must be first or random, not {opts.select!r}")
+    if opts.dtype not in ("float32", "config"):
+        raise ReportgenError(f"--dtype must be float32 or config, not {opts.dtype!r}")
+    if opts.samples < 1:
+        raise ReportgenError(f"--samples must be at least 1, not {opts.samples}")
+    bad = [f for f in opts.formats if f not in FORMATS]
+    if bad or not opts.formats:
+        raise ReportgenError(f"--format takes a list of {', '.join(FORMATS)}, not {','.join(opts.formats)!r}")
+    names = list(analyses.REGISTRY)
+    if opts.only:
+        unknown = [a for a in opts.only if a not in analyses.REGISTRY]
+        if unknown:
+            raise ReportgenError(f"--only: unknown analysis {', '.join(unknown)} (known: {', '.join(names)})")
+    from .config import analysis_params, read_toml
+
+    toml, toml_path = read_toml(opts.config)
+    return analysis_params(analyses.REGISTRY, toml, toml_path, opts.params)
+
+
+def resolve_data(opts: BuildOptions, run_config: dict, ckpt: Path) -> tuple[Path, str]:
+    """The dataset folder and how it was found."""
+    if opts.data:
+        p = Path(opts.data)
+        if not p.is_dir():
+            raise ReportgenError(f"{p}: dataset folder not found (--data)")
+        return p, "--data"
+    key = "data_paths_test" if opts.split == "test" and run_config.get("data_paths_test") else "data_paths"
+    paths = run_config.get(key) or []
+    if not paths:
+        raise ReportgenError(f"{ckpt}: no --data given and no all_config.yaml data_paths beside it to find the dataset")
+    rel = Path(paths[0])
+    for base in [Path.cwd(), *ckpt.resolve().parent.parents]:
+        if (base / rel).is_dir():
+            how = f"all_config.yaml {key}" + ("" if base == Path.cwd() else f", found under {base}")
+            return (base / rel if not rel.is_absolute() else rel), how
+    raise ReportgenError(f"{rel}: dataset folder from all_config.yaml {key} not found from the working directory; pass --data")
+
+
+def _log(opts: BuildOptions, msg: str) -> None:
+    if not opts.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
+    """Build every checkpoint's report and the site index; returns the report folders."""
+    from .checkpoints import discover
+
+    timer = timer or Timer()
+    params = _validate(opts)
+    refs = discover(opts.ckpts)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ReportgenError(f"{out}: --out exists and is not a folder")
+    with timer("imports"):
+        import torch  # noqa: F401  (the heavy imports, timed apart from the work)
+
+        if "pdf" in opts.formats:
+            import weasyprint  # noqa: F401
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    from .probes import resolve_device
+
+    device = resolve_device(opts.device)
+    folders = []
+    for i, ref in enumerate(refs, 1):
+        _log(opts, f"[{i}/{len(refs)}] {ref.path}")
+        folders.append(build_one(ref, opts, params, device, out, timer))
+    with timer("site"):
+        from .site import write_site
+
+        write_site(out, __version__)
+    _log(opts, f"wrote {len(folders)} report(s); site index: {out / 'index.html'}")
+    return folders
+
+
+def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, timer: Timer) -> Path:
+    import analyses
+
+    from .checkpoints import is_trm, load_trm, read_run_config, read_state_dict, strip_trm_prefixes
+    from .datasets import read_split, select
+    from .probes import probe_trm
+
+    with timer("load"):
+        sd = strip_trm_prefixes(read_state_dict(ref.path))
+        if not is_trm(sd):
+            raise ReportgenError(
+                f"{ref.path}: not a TRM checkpoint (no embed_tokens.embedding_weight, lm_head.weight and "
+                f"L_level.layers.* tensors)")
+        run_config, config_path = read_run_config(ref.path)
+        data_dir, data_how = resolve_data(opts, run_config, ref.path)
+        split = read_split(data_dir, opts.split)
+        subject = load_trm(ref, sd, run_config, config_path, split.meta, opts.dtype)
+        if int(split.meta["vocab_size"]) > subject.config.vocab_size:
+            raise ReportgenError(f"{data_dir / opts.split / 'dataset.json'}: vocab_size {split.meta['vocab_size']} "
+                                 f"is larger than the checkpoint's {subject.config.vocab_size}")
+        idx = select(len(split), opts.samples, opts.select, opts.seed, str(data_dir / opts.split))
+        sha = ref.sha256
+    cfg = subject.config
+    _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")
+    with timer("probe"):
+        trace = probe_trm(subject, split.inputs[idx], split.labels[idx], split.puzzle_identifiers[idx], idx, device)
+
+    selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
+    sections, metrics, fig_no = [], {}, 0
+    for n, mod in enumerate(selected, 1):
+        with timer("analyses"):
+            data = mod.compute(trace, params[mod.NAME])
+            if hasattr(mod, "metrics"):
+                metrics.update(mod.metrics(data))
+        with timer("figures"):
+            figs = mod.figures(data, params[mod.NAME])
+        for k, f in enumerate(figs, 1):
+            fig_no += 1
+            f.number, f.stem = fig_no, f"{n:02d}-{mod.NAME}-{k}"
+        sections.append({"number": n, "name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"),
+                         "doc": (mod.__doc__ or "").strip(), "data": data, "figures": figs})
+
+    final = out / ref.run / ref.name
+    from .figures import save
+    from .probes import TRACE_ARRAYS
+    from .render import render, source_date, write_pdf
+    from .site import REPORT_META, staged_report
+
+    with staged_report(final) as tmp:
+        (tmp / "figures").mkdir()
+        (tmp / "data").mkdir()
+        with timer("figures"):
+            for s in sections:
+                for f in s["figures"]:
+                    written = save(f, tmp / "figures" / f.stem)
+                    f.files = {fmt: p.relative_to(tmp).as_posix() for fmt, p in written.items()}
+        with timer("analyses"):
+            trace.save(tmp / "data" / "trace.npz")
+            for s in sections:
+                (tmp / "data" / f"{s['name']}.json").write_text(json.dumps(s["data"], indent=1) + "\n")
+        meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections, out)
+        (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
+        with timer("html"):
+            if "html" in opts.formats:
+                (tmp / "index.html").write_text(render("report.html", raster=False, **ctx), encoding="utf-8")
+        if "pdf" in opts.formats:
+            with timer("pdf"):
+                write_pdf(render("report.html", raster=True, pdf_date=source_date(), **ctx), tmp, tmp / "report.pdf")
+    _log(opts, f"  wrote {final}")
+    return final
+
+
+def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections, out) -> dict:
+    import torch
+
+    cfg = subject.config
+    files = ["data/trace.npz"] + [f"data/{s['name']}.json" for s in sections]
+    files += [p for s in sections for f in s["figures"] for p in f.files.values()]
+    if "html" in opts.formats:
+        files.append("index.html")
+    if "pdf" in opts.formats:
+        files.append("report.pdf")
+    return {
+        "run": ref.run,
+        "name": ref.name,
+        "step": ref.step,
+        "path": f"{ref.run}/{ref.name}/",
+        "kind": "trm",
+        "checkpoint": {"path": str(ref.path), "sha256": sha, "bytes": ref.path.stat().st_size,
+                       "config": str(subject.config_path) if subject.config_path else None},
+        "dataset": {"path": str(data_dir), "found_by": data_how, "split": opts.split,
+                    "puzzle_indices": [int(i) for i in idx], "selection": opts.select,
+                    "seed": opts.seed if opts.select == "random" else None},
+        "compute": {"device": device, "dtype": cfg.forward_dtype, "trained_dtype": subject.trained_dtype,
+                    "act_steps": cfg.halt_max_steps},
+        "analyses": [s["name"] for s in sections],
+        "metrics": metrics,
+        "files": sorted(files),
+        "versions": {"reportgen": __version__, "torch": torch.__version__.split("+")[0]},
+    }
+
+
+def report_context(meta, subject, sections, trace_arrays, trace) -> dict:
+    cfg = subject.config
+    config_rows = [(k, v, cfg.sources.get(k, "")) for k, v in cfg.to_dict().items()]
+    if meta["compute"]["dtype"] != meta["compute"]["trained_dtype"]:
+        config_rows = [(k, f"{v} (checkpoint: {meta['compute']['trained_dtype']})" if k == "forward_dtype" else v, s)
+                       for k, v, s in config_rows]
+    run_rows = [(k, v) for k, v in sorted(subject.run_config.items()) if k != "arch"]
+    step = meta["step"]
+    title = f"{meta['run']} · step {step}" if step is not None else f"{meta['run']} · {meta['name']}"
+    key = f"reportgen:{meta['run']}:{meta['name']}".replace(" ", "_")
+    bib = (
+        f"@misc{{{key},\n"
+        f"  title        = {{{{TRM report: {meta['run']}, {meta['name']}}}}},\n"
+        f"  howpublished = {{reportgen {meta['versions']['reportgen']}}},\n"
+        f"  note         = {{Checkpoint {Path(meta['checkpoint']['path']).name}, sha256 {meta['checkpoint']['sha256']}; "
+        f"{meta['dataset']['split']} split of {Path(meta['dataset']['path']).name}, "
+        f"{len(meta['dataset']['puzzle_indices'])} puzzles}}\n}}"
+    )
+    shapes = {k: list(v.shape) for k, v in trace.arrays.items()}
+    return {
+        "meta": meta, "title": title, "config_rows": config_rows, "run_rows": run_rows, "notes": subject.notes,
+        "sections": sections, "trace_arrays": [(k, shapes.get(k), d) for k, d in trace_arrays.items()],
+        "bibtex": bib, "site_root": "../../",
+    }

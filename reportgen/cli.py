@@ -1,0 +1,78 @@
+"""Command line: `reportgen build`. Heavy modules are imported inside the commands, so --help is instant."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+
+
+def _split_list(ctx, param, value):
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="reportgen")
+def main():
+    """Publication-style HTML and PDF reports for model checkpoints.
+
+    \b
+    Example (the shipped TRM Sudoku run):
+      reportgen build --ckpt examples/sudoku/checkpoints/trm-sudoku-easy/step_600 --out site/
+    """
+
+
+@main.command()
+@click.option("--ckpt", "ckpts", multiple=True, required=True, metavar="PATH",
+              help="A step_N checkpoint file, a run folder (every step_N in it) or a glob. Repeatable.")
+@click.option("--data", metavar="DIR", help="Dataset folder in the upstream layout. "
+              "[default: all_config.yaml's data_paths, resolved against the working directory]")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
+              help="Dataset split to draw puzzles from.")
+@click.option("--samples", type=int, default=5, show_default=True, help="Number of puzzles to run and report.")
+@click.option("--select", type=click.Choice(["first", "random"]), default="first", show_default=True,
+              help="Take the first N puzzles of the split, or N at random (see --seed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --select random.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto uses CUDA when present.")
+@click.option("--dtype", type=click.Choice(["float32", "config"]), default="float32", show_default=True,
+              help="Compute dtype: float32, or the checkpoint's forward_dtype (config; bfloat16 upstream).")
+@click.option("--only", callback=_split_list, metavar="A,B",
+              help="Analyses to run (default: all that apply): sudoku_latents, step_evolution, solving_stats.")
+@click.option("--format", "formats", callback=_split_list, default="html,pdf", show_default=True, metavar="html,pdf",
+              help="Outputs per report.")
+@click.option("--out", default="site", show_default=True, metavar="DIR", help="Output (site) folder.")
+@click.option("--config", metavar="FILE", help="reportgen.toml with a table per analysis [default: ./reportgen.toml if present].")
+@click.option("--param", "params", multiple=True, metavar="A.KEY=VALUE",
+              help="Analysis parameter, e.g. sudoku_latents.method=cosine. Repeatable; wins over --config.")
+@click.option("--timings", is_flag=True, help="Print the time spent per phase as JSON on stderr at the end.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, out, config, params, timings,
+          quiet, debug):
+    """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
+    from .errors import ReportgenError
+
+    try:
+        from .build import BuildOptions, Timer, run_build
+
+        timer = Timer()
+        run_build(BuildOptions(ckpts=list(ckpts), out=out, data=data, split=split, samples=samples, select=select,
+                               seed=seed, device=device, dtype=dtype, only=only, formats=formats or [],
+                               config=config, params=list(params), quiet=quiet), timer)
+        if timings:
+            import json
+
+            click.echo(json.dumps({k: round(v, 4) for k, v in timer.phases.items()}), err=True)
+    except ReportgenError as e:
+        if debug:
+            raise
+        click.echo(f"reportgen: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("reportgen: interrupted; finished reports are kept, the unfinished one was discarded", err=True)
+        sys.exit(130)

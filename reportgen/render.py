@@ -1,0 +1,69 @@
+"""Jinja environment (templates shipped in the package or in a checkout) and the PDF writer."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+
+def templates_dir() -> Path:
+    """templates/ beside the package in a checkout, or reportgen/templates in a wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "templates", here.parent / "templates"):
+        if (cand / "report.html").is_file():
+            return cand
+    raise FileNotFoundError("reportgen templates not found (broken installation)")
+
+
+def _pct(v, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _num(v, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}f}"
+
+
+@lru_cache(maxsize=1)
+def environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["pct"] = _pct
+    env.filters["num"] = _num
+    return env
+
+
+def render(template: str, **context) -> str:
+    return environment().get_template(template).render(**context)
+
+
+def source_date() -> str | None:
+    """ISO date-time from SOURCE_DATE_EPOCH, for reproducible PDF metadata; None when unset."""
+    import datetime
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return None
+    return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_pdf(html: str, base_dir: Path, path: Path) -> None:
+    """PDF of an HTML page whose relative links resolve against base_dir."""
+    import logging
+
+    import weasyprint
+
+    logging.getLogger("weasyprint").setLevel(logging.ERROR)
+    logging.getLogger("fontTools").setLevel(logging.ERROR)
+    weasyprint.HTML(string=html, base_url=str(base_dir) + os.sep).write_pdf(str(path))

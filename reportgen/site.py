@@ -1,0 +1,74 @@
+"""The output folder: atomic report installs, the site index, manifest.json and .nojekyll.
+
+Layout (stable, linked to by users):
+    <out>/index.html  manifest.json  .nojekyll
+    <out>/<run>/<step>/index.html, report.pdf, figures/, data/ (data/report.json describes the report)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+REPORT_META = Path("data") / "report.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_report(final: Path):
+    """Yield a temporary folder beside `final`; on success it replaces `final` (the old report is
+    removed only after the new one is in place), on failure it is deleted and `final` is untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def collect_reports(out: Path) -> list[dict]:
+    """report.json of every report under out, ordered by run and step."""
+    reports = []
+    for meta in sorted(out.glob(f"*/*/{REPORT_META.as_posix()}")):
+        if any(part.startswith(".") for part in meta.relative_to(out).parts):
+            continue
+        try:
+            reports.append(json.loads(meta.read_text()))
+        except (OSError, ValueError):
+            continue  # a foreign or damaged folder is not listed, never fatal
+    return sorted(reports, key=lambda r: (r["run"], r["step"] if r["step"] is not None else -1, r["name"]))
+
+
+def write_site(out: Path, version: str) -> None:
+    from .render import render
+
+    reports = collect_reports(out)
+    manifest = {"generator": f"reportgen {version}", "reports": reports}
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    runs: dict[str, list[dict]] = {}
+    for r in reports:
+        runs.setdefault(r["run"], []).append(r)
+    write_atomic(out / "index.html", render("index.html", runs=runs, version=version, n_reports=len(reports)))
+    (out / ".nojekyll").touch()
