@@ -68,7 +68,7 @@ def compute(trace, params: Params) -> dict:
         m = which == k
         n = int(m.sum())
         acc, mc = _mean(ok[m].astype(float)), _mean(cf[m])
-        bins.append({"lo": float(edges[k]), "hi": float(edges[k + 1]), "count": n, "mean_confidence": mc, "accuracy": acc})
+        bins.append({"lo": round(float(edges[k]), 6), "hi": round(float(edges[k + 1]), 6), "count": n, "mean_confidence": mc, "accuracy": acc})
         if n:
             ece += n / cf.size * abs(acc - mc)
     first_correct = [int(np.flatnonzero(solved[:, i])[0]) + 1 if solved[:, i].any() else None for i in range(N)]

@@ -85,15 +85,21 @@ def read_state_dict(path: Path) -> dict:
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ReportgenError(
-            f"{path}: refused to load: it holds pickled Python objects that weights_only=True does not allow "
-            f"({first[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ReportgenError(f"{path}: not a readable PyTorch checkpoint ({msg[:160]})") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read an untrusted file is the user's bad input
+        text = str(e).strip()
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+            why = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("WeightsUnpickler error")), "")
+            why = why.removeprefix("WeightsUnpickler error: ").split(". Please")[0]
+            raise ReportgenError(
+                f"{path}: refused to load: it holds pickled Python objects that weights_only=True does not allow"
+                + (f" ({why[:160]})" if why else "")
+            ) from None
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if not is_zip:
+            raise ReportgenError(f"{path}: not a readable PyTorch checkpoint (neither a torch.save archive nor a legacy torch file)") from None
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise ReportgenError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated archive: {first[:120]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # {"model", "optimizers", "step", ...} variant seen in forks
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

@@ -1,0 +1,221 @@
+"""`reportgen build` end to end on tiny checkpoints: the report, its files, the site, and bad input."""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import UPSTREAM, make_model, save_upstream, write_dataset
+from reportgen.cli import main
+
+
+def build(*args, cwd=None):
+    return CliRunner().invoke(main, ["build", "-q", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def site(tiny_run, tmp_path_factory):
+    """One full build (HTML + PDF) of the first tiny checkpoint; shared by the report checks below."""
+    out = tmp_path_factory.mktemp("site")
+    r = build("--ckpt", tiny_run["run"] / "step_100", "--data", tiny_run["data"], "--out", out, "--samples", 3)
+    assert r.exit_code == 0, r.output
+    return out, out / "tiny-run" / "step_100"
+
+
+def test_report_folder_layout(site):
+    out, rep = site
+    assert (out / "index.html").is_file() and (out / "manifest.json").is_file() and (out / ".nojekyll").is_file()
+    for f in ("index.html", "report.pdf", "data/trace.npz", "data/report.json", "data/sudoku_latents.json",
+              "data/step_evolution.json", "data/solving_stats.json"):
+        assert (rep / f).is_file(), f
+    figs = sorted(p.name for p in (rep / "figures").iterdir())
+    assert "01-sudoku_latents-1.svg" in figs and "01-sudoku_latents-3.png" in figs
+    assert "02-step_evolution-3.svg" in figs and "03-solving_stats-4.png" in figs
+    assert all(re.fullmatch(r"\d\d-[a-z_]+-\d+\.(svg|png)", f) for f in figs)
+    assert not [p for p in rep.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_html_has_every_section_figure_and_provenance(site):
+    out, rep = site
+    html = (rep / "index.html").read_text()
+    for anchor in ("provenance", "sudoku-latents", "step-evolution", "solving-stats", "configuration", "data", "cite"):
+        assert f'id="{anchor}"' in html, anchor
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    assert len(srcs) == 3 + 3 + 4 and all(s.endswith(".svg") and (rep / s).is_file() for s in srcs)
+    numbers = [int(n) for n in re.findall(r"Figure (\d+)\.</span>", html)]
+    assert numbers == list(range(1, 11))
+    meta = json.loads((rep / "data/report.json").read_text())
+    assert meta["checkpoint"]["sha256"] in html and meta["checkpoint"]["sha256"] == __import__("hashlib").sha256(
+        Path(meta["checkpoint"]["path"]).read_bytes()).hexdigest()
+    assert "@misc{" in html and "hidden_size" in html
+    # every link is relative and resolves inside the site
+    for href in re.findall(r'(?:href|src)="([^"#]+)"', html):
+        assert not re.match(r"[a-z]+:", href) and not href.startswith("/"), href
+        assert (rep / href).resolve().exists(), href
+    assert "<script" not in html
+
+
+def test_exported_data_matches_trace(site):
+    _, rep = site
+    with np.load(rep / "data/trace.npz") as z:
+        preds, q_halt, T = z["preds"], z["q_halt"], z["preds"].shape[0]
+    ev = json.loads((rep / "data/step_evolution.json").read_text())
+    assert ev["steps"] == T == 3
+    for i, s in enumerate(ev["samples"]):
+        assert [st["preds"] for st in s["steps"]] == preds[:, i].tolist()
+        assert [st["q_halt"] for st in s["steps"]] == pytest.approx(q_halt[:, i].tolist())
+    st = json.loads((rep / "data/solving_stats.json").read_text())
+    with np.load(rep / "data/trace.npz") as z:
+        blank = z["inputs"] == 1
+        acc = (z["preds"][-1] == z["labels"])[blank].mean()
+    assert st["per_step"][-1]["blank_accuracy"] == pytest.approx(acc)
+
+
+def test_pdf_opens_with_pages_and_bookmarks(site):
+    import pypdf
+
+    _, rep = site
+    pdf = pypdf.PdfReader(rep / "report.pdf")
+    assert len(pdf.pages) >= 3
+    def flat(items):
+        for o in items:
+            yield from flat(o) if isinstance(o, list) else [o.title]
+
+    titles = list(flat(pdf.outline))
+    assert any("Latent panels" in t for t in titles) and any("Solving statistics" in t for t in titles)
+    text = "".join(p.extract_text() for p in pdf.pages)
+    assert "Figure 10." in text and "1 / " in text  # numbering and page numbers
+
+
+def test_site_index_and_manifest_keep_every_report(site, tiny_run):
+    out, _ = site
+    r = build("--ckpt", tiny_run["run"] / "step_200", "--data", tiny_run["data"], "--out", out, "--samples", 2,
+              "--format", "html")
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert [(m["run"], m["name"]) for m in man["reports"]] == [("tiny-run", "step_100"), ("tiny-run", "step_200")]
+    assert (out / "tiny-run/step_100/report.pdf").is_file()  # building step_200 did not touch step_100
+    index = (out / "index.html").read_text()
+    assert 'href="tiny-run/step_100/index.html"' in index and 'href="tiny-run/step_200/index.html"' in index
+    assert "report.pdf" not in man["reports"][1]["files"]
+    m = man["reports"][0]["metrics"]
+    st = json.loads((out / "tiny-run/step_100/data/solving_stats.json").read_text())
+    assert m["blank_accuracy"] == st["summary"]["blank_accuracy"]
+
+
+def test_default_data_from_config_and_options(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_run["root"])  # all_config.yaml data_paths is relative to the project root
+    out = tmp_path / "o"
+    r = build("--ckpt", tiny_run["run"] / "step_200", "--out", out, "--samples", 4, "--select", "random", "--seed", 3,
+              "--only", "solving_stats", "--format", "html", "--param", "solving_stats.calibration_bins=5")
+    assert r.exit_code == 0, r.output
+    rep = out / "tiny-run" / "step_200"
+    meta = json.loads((rep / "data/report.json").read_text())
+    assert meta["dataset"]["found_by"] == "all_config.yaml data_paths"
+    idx = meta["dataset"]["puzzle_indices"]
+    assert len(idx) == 4 and idx == sorted(idx) and idx != [0, 1, 2, 3]
+    assert meta["analyses"] == ["solving_stats"] and not (rep / "data/sudoku_latents.json").exists()
+    assert len(json.loads((rep / "data/solving_stats.json").read_text())["calibration"]["bins"]) == 5
+    assert not (rep / "report.pdf").exists()
+
+
+def test_upstream_run_folder_builds(tmp_path):
+    """The real upstream checkpoint + dataset, found through all_config.yaml from the run folder."""
+    r = build("--ckpt", UPSTREAM / "checkpoints/pretrain_att_sudoku_mini", "--out", tmp_path, "--samples", 2,
+              "--format", "html")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "pretrain_att_sudoku_mini/step_400/data/report.json").read_text())
+    assert meta["step"] == 400 and meta["compute"]["act_steps"] == 4
+
+
+# --- bad input: one line naming the file, exit 2, nothing half-written -------------------------------------
+
+def bad(args, out, match):
+    r = CliRunner().invoke(main, ["build", "-q", "--out", str(out), "--format", "html", *map(str, args)])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reportgen: error: "), r.stderr
+    assert re.search(match, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def good(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    ckpt = save_upstream(make_model(0), tmp_path / "run", 5, str(data))
+    return ckpt, data
+
+
+def test_error_missing_checkpoint(tmp_path):
+    bad(["--ckpt", tmp_path / "nope/step_1"], tmp_path / "o", r"nope/step_1: checkpoint not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_error_not_a_checkpoint_file(good, tmp_path):
+    _, data = good
+    junk = tmp_path / "run" / "step_9"
+    junk.write_bytes(b"this is not a checkpoint")
+    bad(["--ckpt", junk, "--data", data], tmp_path / "o", r"step_9: not a readable PyTorch checkpoint")
+
+
+def test_error_not_a_trm_state_dict(good, tmp_path):
+    _, data = good
+    other = tmp_path / "run" / "step_8"
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, other)
+    bad(["--ckpt", other, "--data", data], tmp_path / "o", r"step_8: not a TRM checkpoint")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_error_pickle_refused_by_weights_only(good, tmp_path, capfd):
+    _, data = good
+    evil = tmp_path / "run" / "step_7"
+    torch.save({"x": Evil()}, evil, pickle_module=pickle)
+    bad(["--ckpt", evil, "--data", data], tmp_path / "o", r"step_7: refused to load: .*weights_only=True")
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_error_shapes_do_not_match_config(good, tmp_path):
+    ckpt, data = good
+    cfg = ckpt.parent / "all_config.yaml"
+    cfg.write_text(cfg.read_text().replace("hidden_size: 32", "hidden_size: 48").replace("puzzle_emb_ndim: 32", "puzzle_emb_ndim: 48"))
+    bad(["--ckpt", ckpt, "--data", data], tmp_path / "o", r"step_5: tensor \S+ has shape \[\d+(, \d+)*\] but all_config.yaml")
+
+
+def test_error_dataset_missing_files(good, tmp_path):
+    ckpt, data = good
+    (data / "test" / "all__labels.npy").unlink()
+    bad(["--ckpt", ckpt, "--data", data], tmp_path / "o", r"test/all__labels\.npy: missing")
+
+
+def test_error_samples_larger_than_split(good, tmp_path):
+    ckpt, data = good
+    bad(["--ckpt", ckpt, "--data", data, "--samples", 500], tmp_path / "o", r"--samples 500 is larger than the split \(12 puzzles\)")
+
+
+def test_error_bad_options(good, tmp_path):
+    ckpt, data = good
+    bad(["--ckpt", ckpt, "--data", data, "--only", "nope"], tmp_path / "o", r"--only: unknown analysis nope")
+    bad(["--ckpt", ckpt, "--data", data, "--param", "sudoku_latents.method=l2"], tmp_path / "o", r"method must be dot or cosine")
+    bad(["--ckpt", ckpt, "--data", tmp_path / "nodata"], tmp_path / "o", r"nodata: dataset folder not found")
+
+
+def test_failed_build_keeps_the_previous_report(good, tmp_path):
+    ckpt, data = good
+    out = tmp_path / "o"
+    assert build("--ckpt", ckpt, "--data", data, "--out", out, "--format", "html", "--samples", 2).exit_code == 0
+    rep = out / "run" / "step_5"
+    before = (rep / "index.html").read_bytes()
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated file
+    bad(["--ckpt", ckpt, "--data", data], out, r"step_5: not a readable PyTorch checkpoint")
+    assert (rep / "index.html").read_bytes() == before
+    assert sorted(p.name for p in rep.parent.iterdir()) == ["step_5"]
