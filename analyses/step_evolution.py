@@ -67,9 +67,10 @@ def compute(trace, params: Params) -> dict:
     return {"steps": int(T), "samples": samples}
 
 
-def draw_sample(s: dict, cell: float = 14, columns: int = 6) -> Canvas:
+def draw_sample(s: dict, columns: int = 6, width: float = 880) -> Canvas:
     steps = s["steps"]
     cols = min(columns, len(steps))
+    cell = min(20.0, (width / cols - 14) / 9)  # fill about `width` px, boards no larger than the latent panels
     rows = -(-len(steps) // cols)
     gap_x, gap_y = 14, 10
     bw, bh = 9 * cell, board_height(cell, 2)

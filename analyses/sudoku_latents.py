@@ -86,7 +86,7 @@ def panel_cells(s: dict) -> list[list[Cell]]:
     return panels
 
 
-def draw_sample(s: dict, cell: float = 20, cols: int = 3) -> Canvas:
+def draw_sample(s: dict, cell: float = 22, cols: int = 3) -> Canvas:
     gap_x, gap_y = 18, 10
     bw, bh = 9 * cell, board_height(cell, 1)
     rows = -(-len(PANELS) // cols)

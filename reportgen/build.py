@@ -33,6 +33,7 @@ class BuildOptions:
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
     config: str | None = None
     params: list[str] = field(default_factory=list)
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
     quiet: bool = False
 
 
@@ -109,12 +110,14 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise ReportgenError(f"{out}: --out exists and is not a folder")
     with timer("imports"):
-        import torch  # noqa: F401  (the heavy imports, timed apart from the work)
+        import torch  # the heavy imports, timed apart from the work
 
         if "pdf" in opts.formats:
             import weasyprint  # noqa: F401
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     from .probes import resolve_device
 
     device = resolve_device(opts.device)
@@ -173,7 +176,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
                          "doc": (mod.__doc__ or "").strip(), "data": data, "figures": figs})
 
     final = out / ref.run / ref.name
-    from .figures import save
+    from .figures import display_size, save
     from .probes import TRACE_ARRAYS
     from .render import render, source_date, write_pdf
     from .site import REPORT_META, staged_report
@@ -186,6 +189,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
                 for f in s["figures"]:
                     written = save(f, tmp / "figures" / f.stem)
                     f.files = {fmt: p.relative_to(tmp).as_posix() for fmt, p in written.items()}
+                    f.width, f.height = display_size(f.drawing)
         with timer("analyses"):
             trace.save(tmp / "data" / "trace.npz")
             for s in sections:

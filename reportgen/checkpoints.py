@@ -98,7 +98,7 @@ def read_state_dict(path: Path) -> dict:
             is_zip = f.read(4) == b"PK\x03\x04"
         if not is_zip:
             raise ReportgenError(f"{path}: not a readable PyTorch checkpoint (neither a torch.save archive nor a legacy torch file)") from None
-        first = text.splitlines()[0] if text else type(e).__name__
+        first = (text.splitlines()[0] if text else type(e).__name__).split(". ")[0]
         raise ReportgenError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated archive: {first[:120]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # {"model", "optimizers", "step", ...} variant seen in forks

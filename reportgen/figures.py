@@ -37,6 +37,8 @@ class Figure:
     alt: str = ""
     number: int = 0  # figure number in the report, set by the build
     stem: str = ""  # file name without extension, e.g. 01-sudoku_latents-1, set by the build
+    width: int = 0  # display size in CSS px, set by the build
+    height: int = 0
     files: dict = field(default_factory=dict)  # format -> path relative to the report folder, set by the build
 
 
@@ -182,8 +184,12 @@ def mpl_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4,
     return fig, axes
 
 
-def is_canvas(drawing) -> bool:
-    return isinstance(drawing, Canvas)
+def display_size(drawing) -> tuple[int, int]:
+    """Width and height in CSS px at which a figure is shown (its SVG's natural size)."""
+    if isinstance(drawing, Canvas):
+        return round(drawing.width), round(drawing.height)
+    w, h = drawing.get_size_inches()
+    return round(w * 96), round(h * 96)
 
 
 def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png")) -> dict[str, Path]:
