@@ -99,6 +99,17 @@ def _log(opts: BuildOptions, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _progress(opts: BuildOptions):
+    """Per-ACT-step progress on an interactive stderr (a real-size TRM takes minutes on a CPU)."""
+    if opts.quiet or not sys.stderr.isatty():
+        return None
+
+    def show(step: int, total: int) -> None:
+        print(f"\r  ACT step {step}/{total}", end="\n" if step == total else "", file=sys.stderr, flush=True)
+
+    return show
+
+
 def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     """Build every checkpoint's report and the site index; returns the report folders."""
     from .checkpoints import discover
@@ -109,11 +120,13 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ReportgenError(f"{out}: --out exists and is not a folder")
+    pdf = None
+    if "pdf" in opts.formats:
+        from .render import PdfWorker
+
+        pdf = PdfWorker()  # imports WeasyPrint in parallel with torch below
     with timer("imports"):
         import torch  # the heavy imports, timed apart from the work
-
-        if "pdf" in opts.formats:
-            import weasyprint  # noqa: F401
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
     if opts.threads:
@@ -122,9 +135,13 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
 
     device = resolve_device(opts.device)
     folders = []
-    for i, ref in enumerate(refs, 1):
-        _log(opts, f"[{i}/{len(refs)}] {ref.path}")
-        folders.append(build_one(ref, opts, params, device, out, timer))
+    try:
+        for i, ref in enumerate(refs, 1):
+            _log(opts, f"[{i}/{len(refs)}] {ref.path}")
+            folders.append(build_one(ref, opts, params, device, out, timer, pdf))
+    finally:
+        if pdf is not None:
+            pdf.close()
     with timer("site"):
         from .site import write_site
 
@@ -133,7 +150,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     return folders
 
 
-def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, timer: Timer) -> Path:
+def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, timer: Timer, pdf=None) -> Path:
     import analyses
 
     from .checkpoints import is_trm, load_trm, read_run_config, read_state_dict, strip_trm_prefixes
@@ -158,7 +175,8 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
     cfg = subject.config
     _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")
     with timer("probe"):
-        trace = probe_trm(subject, split.inputs[idx], split.labels[idx], split.puzzle_identifiers[idx], idx, device)
+        trace = probe_trm(subject, split.inputs[idx], split.labels[idx], split.puzzle_identifiers[idx], idx, device,
+                          progress=_progress(opts))
 
     selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
     sections, metrics, fig_no = [], {}, 0
@@ -178,31 +196,37 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
     final = out / ref.run / ref.name
     from .figures import display_size, save
     from .probes import TRACE_ARRAYS
-    from .render import render, source_date, write_pdf
+    from .render import render, source_date
     from .site import REPORT_META, staged_report
 
+    figs = [f for s in sections for f in s["figures"]]
     with staged_report(final) as tmp:
         (tmp / "figures").mkdir()
         (tmp / "data").mkdir()
+        with timer("figures"):  # PNGs first: the PDF needs only them, and starts while the rest is written
+            for f in figs:
+                f.files = {"svg": f"figures/{f.stem}.svg", "png": f"figures/{f.stem}.png"}
+                f.width, f.height = display_size(f.drawing)
+                save(f, tmp / "figures" / f.stem, ("png",))
+        meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections, out)
+        ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
+        if pdf is not None:
+            with timer("html"):
+                pdf.submit(render("report.html", raster=True, pdf_date=source_date(), **ctx), tmp, tmp / "report.pdf")
         with timer("figures"):
-            for s in sections:
-                for f in s["figures"]:
-                    written = save(f, tmp / "figures" / f.stem)
-                    f.files = {fmt: p.relative_to(tmp).as_posix() for fmt, p in written.items()}
-                    f.width, f.height = display_size(f.drawing)
+            for f in figs:
+                save(f, tmp / "figures" / f.stem, ("svg",))
         with timer("analyses"):
             trace.save(tmp / "data" / "trace.npz")
             for s in sections:
                 (tmp / "data" / f"{s['name']}.json").write_text(json.dumps(s["data"], indent=1) + "\n")
-        meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections, out)
-        (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
+            (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with timer("html"):
             if "html" in opts.formats:
                 (tmp / "index.html").write_text(render("report.html", raster=False, **ctx), encoding="utf-8")
-        if "pdf" in opts.formats:
+        if pdf is not None:
             with timer("pdf"):
-                write_pdf(render("report.html", raster=True, pdf_date=source_date(), **ctx), tmp, tmp / "report.pdf")
+                timer.phases["pdf_worker"] = timer.phases.get("pdf_worker", 0.0) + pdf.wait()
     _log(opts, f"  wrote {final}")
     return final
 

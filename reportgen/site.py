@@ -34,6 +34,9 @@ def staged_report(final: Path):
     removed only after the new one is in place), on failure it is deleted and `final` is untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published report must be readable
     try:
         yield tmp
     except BaseException:

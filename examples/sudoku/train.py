@@ -41,7 +41,7 @@ Deterministic for a given --seed and thread count (set OMP_NUM_THREADS or --thre
 Example (from the repository root; see examples/sudoku/README.md for the committed run):
 
     OMP_NUM_THREADS=2 python examples/sudoku/train.py \\
-        --data examples/sudoku/data/sudoku-easy-1k-aug-3 --run-name trm_sudoku_easy
+        --data examples/sudoku/data/sudoku-easy-600-aug-3 --run-name trm_sudoku_easy
 """
 from __future__ import annotations
 
@@ -255,10 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--loss", default="softmax_cross_entropy",
                    choices=["softmax_cross_entropy", "stablemax_cross_entropy"])
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=40)
-    g.add_argument("--eval-interval", type=int, default=10, help="epochs between evaluations/checkpoints")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--eval-interval", type=int, default=3, help="epochs between evaluations/checkpoints")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--lr-min-ratio", type=float, default=0.1)
     g.add_argument("--lr-warmup-steps", type=int, default=50)
     g.add_argument("--weight-decay", type=float, default=0.1)
