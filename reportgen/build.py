@@ -87,10 +87,11 @@ def resolve_data(opts: BuildOptions, run_config: dict, ckpt: Path) -> tuple[Path
     if not paths:
         raise ReportgenError(f"{ckpt}: no --data given and no all_config.yaml data_paths beside it to find the dataset")
     rel = Path(paths[0])
-    for base in [Path.cwd(), *ckpt.resolve().parent.parents]:
+    if rel.is_dir():  # absolute, or relative to the working directory as upstream resolves it
+        return rel, f"all_config.yaml {key}"
+    for base in ckpt.resolve().parent.parents:  # a project folder above the checkpoint (upstream layout)
         if (base / rel).is_dir():
-            how = f"all_config.yaml {key}" + ("" if base == Path.cwd() else f", found under {base}")
-            return (base / rel if not rel.is_absolute() else rel), how
+            return base / rel, f"all_config.yaml {key}, found under {base}"
     raise ReportgenError(f"{rel}: dataset folder from all_config.yaml {key} not found from the working directory; pass --data")
 
 
