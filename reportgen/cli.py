@@ -22,7 +22,7 @@ def main():
 
     \b
     Example (the shipped TRM Sudoku run):
-      reportgen build --ckpt examples/sudoku/checkpoints/trm-sudoku-easy/step_600 --out site/
+      reportgen build --ckpt examples/sudoku/checkpoints/trm_sudoku_easy/ --out site/
     """
 
 

@@ -161,6 +161,7 @@ def evaluate(model: TRM, test: dict, batch_size: int) -> dict:
         "exact": solved.float().mean().item(),
         "n_exact": int(solved.sum()),
         "q_halt_acc": ((q_halt > 0) == solved).float().mean().item(),
+        "q_halt_pos": (q_halt > 0).float().mean().item(),
     }
 
 
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--beta2", type=float, default=0.95)
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--ema-rate", type=float, default=0.99)
+    g.add_argument("--q-loss-weight", type=float, default=0.5, help="weight of the q_halt BCE term")
     g.add_argument("--eval-batch-size", type=int, default=256)
     args = ap.parse_args(argv)
     if args.epochs % args.eval_interval:
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
                     solved = (logits.argmax(-1) == labels).all(-1)
                 lm_loss = cell_loss(args.loss, logits, labels).mean(-1).mean()
                 q_loss = F.binary_cross_entropy_with_logits(q_halt, solved.float())
-                loss = lm_loss + 0.5 * q_loss
+                loss = lm_loss + args.q_loss_weight * q_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"epoch {epoch:4d} step {step:6d} {time.time() - t0:6.0f}s | train lm_loss {log_loss / log_n:.3f} "
                   f"blank acc (last ACT step) {log_acc / log_n:.3f} | test{' (EMA)' if ema else ''} blank acc "
                   f"{m['blank_acc']:.3f} cell acc {m['cell_acc']:.3f} exact {m['exact']:.3f} "
-                  f"({m['n_exact']}/{len(test['inputs'])}) q_halt acc {m['q_halt_acc']:.3f} -> {path}", flush=True)
+                  f"({m['n_exact']}/{len(test['inputs'])}) q_halt acc {m['q_halt_acc']:.3f} q_halt>0 {m['q_halt_pos']:.3f} -> {path}", flush=True)
             log_loss, log_acc, log_n = 0.0, 0.0, 0
     print(f"done: {step} optimizer steps in {time.time() - t0:.0f}s; run folder {run_dir}")
 
