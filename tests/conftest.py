@@ -15,8 +15,9 @@ from reportgen.models.trm import TRM, TRMConfig
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # the steering repo's shared/, beside the checkout
 UPSTREAM = SHARED / "fixtures" / "trm-upstream"
+needs_upstream = pytest.mark.skipif(not UPSTREAM.is_dir(), reason=f"upstream TRM fixtures not found at {UPSTREAM}")
 
 TINY_ARCH = dict(hidden_size=32, num_heads=2, expansion=4, H_cycles=2, L_cycles=2, L_layers=1, halt_max_steps=3,
                  puzzle_emb_ndim=32, puzzle_emb_len=4, pos_encodings="rope", forward_dtype="float32", mlp_t=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import UPSTREAM, make_model, save_upstream, write_dataset
+from conftest import UPSTREAM, needs_upstream, make_model, save_upstream, write_dataset
 from reportgen.cli import main
 
 
@@ -125,6 +125,7 @@ def test_default_data_from_config_and_options(tiny_run, tmp_path, monkeypatch):
     assert not (rep / "report.pdf").exists()
 
 
+@needs_upstream
 def test_upstream_run_folder_builds(tmp_path):
     """The real upstream checkpoint + dataset, found through all_config.yaml from the run folder."""
     r = build("--ckpt", UPSTREAM / "checkpoints/pretrain_att_sudoku_mini", "--out", tmp_path, "--samples", 2,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import UPSTREAM, make_model, run_act, save_upstream, write_dataset
+from conftest import UPSTREAM, needs_upstream, make_model, run_act, save_upstream, write_dataset
 from reportgen.checkpoints import discover, load_trm, read_run_config, read_state_dict, strip_trm_prefixes
 from reportgen.datasets import read_split
 from reportgen.errors import ReportgenError
@@ -124,6 +124,7 @@ def test_dataset_dtypes_int64_and_uint8(tmp_path):
 
 # --- the real upstream files -------------------------------------------------------------------------------
 
+@needs_upstream
 def test_upstream_checkpoint_reproduces_upstream_eval_dump():
     """Our float32 forward gives upstream's own final predictions and q logits on upstream's files."""
     ckpt = UPSTREAM / "checkpoints" / "pretrain_att_sudoku_mini" / "step_400"
