@@ -175,6 +175,8 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
         sha = ref.sha256
     cfg = subject.config
     _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")
+    if device == "cpu" and cfg.forward_dtype != "float32":
+        _log(opts, f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
     with timer("probe"):
         trace = probe_trm(subject, split.inputs[idx], split.labels[idx], split.puzzle_identifiers[idx], idx, device,
                           progress=_progress(opts))
