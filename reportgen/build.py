@@ -5,6 +5,7 @@ anything, writes the report into a temporary folder and swaps it in, and finally
 """
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
@@ -215,7 +216,11 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
         ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
         if pdf is not None:
             with timer("html"):
-                pdf.submit(render("report.html", raster=True, pdf_date=source_date(), **ctx), tmp, tmp / "report.pdf")
+                # PNGs inlined as data: URIs, so the PDF names images by content, not by the temporary path
+                inline = {f.stem: "data:image/png;base64," + base64.b64encode((tmp / f.files["png"]).read_bytes()).decode()
+                          for f in figs}
+                html = render("report.html", raster=True, inline=inline, pdf_date=source_date(), **ctx)
+                pdf.submit(html, tmp, tmp / "report.pdf")
         with timer("figures"):
             for f in figs:
                 save(f, tmp / "figures" / f.stem, ("svg",))
@@ -226,7 +231,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
             (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with timer("html"):
             if "html" in opts.formats:
-                (tmp / "index.html").write_text(render("report.html", raster=False, **ctx), encoding="utf-8")
+                (tmp / "index.html").write_text(render("report.html", raster=False, inline={}, **ctx), encoding="utf-8")
         if pdf is not None:
             with timer("pdf"):
                 timer.phases["pdf_worker"] = timer.phases.get("pdf_worker", 0.0) + pdf.wait()

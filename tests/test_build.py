@@ -220,3 +220,15 @@ def test_failed_build_keeps_the_previous_report(good, tmp_path):
     bad(["--ckpt", ckpt, "--data", data], out, r"step_5: not a readable PyTorch checkpoint")
     assert (rep / "index.html").read_bytes() == before
     assert sorted(p.name for p in rep.parent.iterdir()) == ["step_5"]
+
+
+def test_same_inputs_same_bytes(site, tiny_run, tmp_path):
+    """A second build of the same checkpoint into another folder writes byte-identical files, PDF included."""
+    out, rep = site
+    r = build("--ckpt", tiny_run["run"] / "step_100", "--data", tiny_run["data"], "--out", tmp_path, "--samples", 3)
+    assert r.exit_code == 0, r.output
+    again = tmp_path / "tiny-run" / "step_100"
+    files = sorted(p.relative_to(rep) for p in rep.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    differ = [str(f) for f in files if (rep / f).read_bytes() != (again / f).read_bytes()]
+    assert differ == []  # built in another folder, through other temporary names: nothing depends on them

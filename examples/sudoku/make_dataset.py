@@ -27,7 +27,7 @@ arguments give byte-identical files.
 
 Example (from the repository root):
 
-    python examples/sudoku/make_dataset.py --out examples/sudoku/data/sudoku-easy-600-aug-3
+    python examples/sudoku/make_dataset.py --out examples/sudoku/data/sudoku-easy-2400-aug-0
 """
 from __future__ import annotations
 
@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output dataset folder (created)")
-    ap.add_argument("--train", type=int, default=600, help="number of training puzzles (groups)")
+    ap.add_argument("--train", type=int, default=2400, help="number of training puzzles (groups)")
     ap.add_argument("--test", type=int, default=200, help="number of test puzzles")
-    ap.add_argument("--num-aug", type=int, default=3, help="augmented copies per training puzzle")
-    ap.add_argument("--min-blanks", type=int, default=10, help="fewest blank cells per puzzle")
-    ap.add_argument("--max-blanks", type=int, default=25, help="most blank cells per puzzle")
+    ap.add_argument("--num-aug", type=int, default=0, help="augmented copies per training puzzle")
+    ap.add_argument("--min-blanks", type=int, default=3, help="fewest blank cells per puzzle")
+    ap.add_argument("--max-blanks", type=int, default=10, help="most blank cells per puzzle")
     ap.add_argument("--seed", type=int, default=0, help="seed of the numpy random generator")
     args = ap.parse_args(argv)
     if not 0 <= args.min_blanks <= args.max_blanks <= 64:

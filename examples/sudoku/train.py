@@ -22,8 +22,8 @@ Training (a simplified version of upstream's, documented here rather than copied
   batch when the Q head says "halt": every sample gets every step, so
   `halt_exploration_prob` is recorded in the config but has no effect.)
 * Loss per ACT step = mean over rows of the per-cell cross-entropy over all 81 cells (givens
-  included, as upstream) + 0.5 * binary cross-entropy of q_halt against "the whole board is
-  predicted correctly". The cell cross-entropy is plain softmax CE by default
+  included, as upstream) + --q-loss-weight (default 0.5) * binary cross-entropy of q_halt against
+  "the whole board is predicted correctly" at that step. The cell cross-entropy is plain softmax CE by default
   (`--loss softmax_cross_entropy`); `--loss stablemax_cross_entropy` uses upstream's stablemax
   (s(x) = 1/(1-x) for x < 0, x + 1 otherwise) in float64 instead. The choice is written to
   `arch.loss.loss_type`. q_continue is never trained (upstream's no_ACT_continue = True).
@@ -34,14 +34,20 @@ Training (a simplified version of upstream's, documented here rather than copied
   (puzzle_emb_lr, puzzle_emb_weight_decay) are recorded in the config for completeness only.
 * Evaluation (at every checkpoint) runs the whole test split in eval mode for exactly
   halt_max_steps ACT steps from a fresh carry and scores the last step's argmax, as upstream's
-  evaluation does; it prints blank-cell accuracy and the exact-solve rate.
+  evaluation does; it prints blank-cell accuracy, all-cell accuracy, the exact-solve rate, how
+  often (q_halt > 0) agrees with "solved", and the share of puzzles with q_halt > 0, all at the
+  last ACT step.
+
+Step counting: one epoch has floor(train groups / batch size) batches and every batch takes
+halt_max_steps AdamW steps, so N in `step_<N>` and the printed "optimizer steps" are
+epochs x batches/epoch x halt_max_steps (the LR schedule and EMA also advance per ACT step).
 
 Deterministic for a given --seed and thread count (set OMP_NUM_THREADS or --threads).
 
 Example (from the repository root; see examples/sudoku/README.md for the committed run):
 
     OMP_NUM_THREADS=2 python examples/sudoku/train.py \\
-        --data examples/sudoku/data/sudoku-easy-600-aug-3 --run-name trm_sudoku_easy
+        --data examples/sudoku/data/sudoku-easy-2400-aug-0 --run-name trm_sudoku_easy
 """
 from __future__ import annotations
 
@@ -256,10 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--loss", default="softmax_cross_entropy",
                    choices=["softmax_cross_entropy", "stablemax_cross_entropy"])
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--eval-interval", type=int, default=3, help="epochs between evaluations/checkpoints")
+    g.add_argument("--epochs", type=int, default=4)
+    g.add_argument("--eval-interval", type=int, default=1, help="epochs between evaluations/checkpoints")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--lr-min-ratio", type=float, default=0.1)
     g.add_argument("--lr-warmup-steps", type=int, default=50)
     g.add_argument("--weight-decay", type=float, default=0.1)
