@@ -1,4 +1,4 @@
 from .cli import main
 
-if __name__ == "__main__":  # guarded: the PDF worker process imports this module under spawn
+if __name__ == "__main__":
     main()

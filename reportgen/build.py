@@ -5,7 +5,6 @@ anything, writes the report into a temporary folder and swaps it in, and finally
 """
 from __future__ import annotations
 
-import base64
 import json
 import sys
 import time
@@ -122,11 +121,11 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ReportgenError(f"{out}: --out exists and is not a folder")
-    pdf = None
+    worker = None
     if "pdf" in opts.formats:
-        from .render import PdfWorker
+        from .render import RenderWorker
 
-        pdf = PdfWorker()  # imports WeasyPrint in parallel with torch below
+        worker = RenderWorker()  # imports WeasyPrint in parallel with torch below
     with timer("imports"):
         import torch  # the heavy imports, timed apart from the work
         import matplotlib  # noqa: F401
@@ -140,10 +139,10 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     try:
         for i, ref in enumerate(refs, 1):
             _log(opts, f"[{i}/{len(refs)}] {ref.path}")
-            folders.append(build_one(ref, opts, params, device, out, timer, pdf))
+            folders.append(build_one(ref, opts, params, device, out, timer, worker))
     finally:
-        if pdf is not None:
-            pdf.close()
+        if worker is not None:
+            worker.close()
     with timer("site"):
         from .site import write_site
 
@@ -152,7 +151,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     return folders
 
 
-def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, timer: Timer, pdf=None) -> Path:
+def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, timer: Timer, worker=None) -> Path:
     import analyses
 
     from .checkpoints import is_trm, load_trm, read_run_config, read_state_dict, strip_trm_prefixes
@@ -198,7 +197,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
                          "doc": (mod.__doc__ or "").strip(), "data": data, "figures": figs})
 
     final = out / ref.run / ref.name
-    from .figures import display_size, save
+    from .figures import display_size, is_canvas, save
     from .probes import TRACE_ARRAYS
     from .render import render, source_date
     from .site import REPORT_META, staged_report
@@ -211,16 +210,16 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
             for f in figs:
                 f.files = {"svg": f"figures/{f.stem}.svg", "png": f"figures/{f.stem}.png"}
                 f.width, f.height = display_size(f.drawing)
-                save(f, tmp / "figures" / f.stem, ("png",))
+            for f in figs:  # the worker draws the charts while this process draws the boards
+                if worker is not None and not is_canvas(f.drawing):
+                    worker.draw_png(f.drawing, tmp / f.files["png"])
+                else:
+                    save(f, tmp / "figures" / f.stem, ("png",))
         meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections, out)
         ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
-        if pdf is not None:
-            with timer("html"):
-                # PNGs inlined as data: URIs, so the PDF names images by content, not by the temporary path
-                inline = {f.stem: "data:image/png;base64," + base64.b64encode((tmp / f.files["png"]).read_bytes()).decode()
-                          for f in figs}
-                html = render("report.html", raster=True, inline=inline, pdf_date=source_date(), **ctx)
-                pdf.submit(html, tmp, tmp / "report.pdf")
+        if worker is not None:
+            with timer("html"):  # queued behind the chart PNGs; the worker inlines the PNGs, then lays out
+                worker.write_pdf(render("report.html", raster=True, pdf_date=source_date(), **ctx), tmp, tmp / "report.pdf")
         with timer("figures"):
             for f in figs:
                 save(f, tmp / "figures" / f.stem, ("svg",))
@@ -231,10 +230,10 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
             (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with timer("html"):
             if "html" in opts.formats:
-                (tmp / "index.html").write_text(render("report.html", raster=False, inline={}, **ctx), encoding="utf-8")
-        if pdf is not None:
+                (tmp / "index.html").write_text(render("report.html", raster=False, **ctx), encoding="utf-8")
+        if worker is not None:
             with timer("pdf"):
-                timer.phases["pdf_worker"] = timer.phases.get("pdf_worker", 0.0) + pdf.wait()
+                timer.phases["worker"] = timer.phases.get("worker", 0.0) + worker.wait()
     _log(opts, f"  wrote {final}")
     return final
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 FONT_FAMILY = "DejaVu Sans, Verdana, Arial, sans-serif"
-PNG_SCALE = 2  # raster pixels per SVG unit
+PNG_SCALE = 1.5  # raster pixels per SVG unit
 
 # palette shared by boards and plots
 INK = "#1f2328"
@@ -50,6 +50,7 @@ def mix(c1: str, c2: str, t: float) -> str:
     return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(a, b))
 
 
+@lru_cache(maxsize=1024)
 def _rgb(c: str) -> tuple[int, int, int]:
     return tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
 
@@ -164,7 +165,7 @@ STYLE = {
     "svg.fonttype": "none",  # text stays text: small, fast, editable
     "svg.hashsalt": "reportgen",
     "figure.dpi": 100,
-    "savefig.dpi": 160,
+    "savefig.dpi": 120,
 }
 
 
@@ -182,6 +183,10 @@ def mpl_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4,
     fig.subplots_adjust(left=0.55 / w, right=1 - 0.1 / w, bottom=0.45 / h, top=1 - 0.3 / h,
                         wspace=0.75 * ncols / w, hspace=0.8 * nrows / h)
     return fig, axes
+
+
+def is_canvas(drawing) -> bool:
+    return isinstance(drawing, Canvas)
 
 
 def display_size(drawing) -> tuple[int, int]:
@@ -208,12 +213,12 @@ def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png")) -> 
             else:
                 raise ValueError(f"unknown figure format {fmt!r}")
         else:
-            _save_mpl(d, path, fmt)
+            save_mpl(d, path, fmt)
         written[fmt] = path
     return written
 
 
-def _save_mpl(fig, path: Path, fmt: str) -> None:
+def save_mpl(fig, path: Path, fmt: str) -> None:
     """Save a matplotlib figure. PNGs are drawn with Agg and written as RGB (no alpha channel:
     WeasyPrint would re-encode an RGBA image twice)."""
     import matplotlib

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,72 +59,142 @@ def source_date() -> str | None:
     return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def inline_images(html: str, base_dir: Path) -> str:
+    """Replace `src="figures/….png"` by data: URIs. WeasyPrint names embedded images by their URL, and
+    the report is written in a temporary folder: inlined, the PDF depends on image content only."""
+    import base64
+    import re
+
+    def data_uri(m) -> str:
+        return 'src="data:image/png;base64,' + base64.b64encode((base_dir / m.group(1)).read_bytes()).decode() + '"'
+
+    return re.sub(r'src="(figures/[^"/]+\.png)"', data_uri, html)
+
+
 def write_pdf(html: str, base_dir: Path, path: Path) -> None:
-    """PDF of an HTML page whose relative links resolve against base_dir."""
+    """PDF of an HTML page whose figure PNGs lie under base_dir."""
     import logging
 
     import weasyprint
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
+    html = inline_images(html, base_dir)
     weasyprint.HTML(string=html, base_url=str(base_dir) + os.sep).write_pdf(str(path))
 
 
-def _pdf_worker(conn) -> None:
+def _serve() -> None:
+    """Worker main loop (`python -m reportgen.render`): pickled jobs on stdin, pickled results on stdout.
+    A reader thread takes jobs off the pipe as they come, so the parent never blocks while sending."""
+    import pickle
+    import queue
+    import threading
     import time
 
-    import weasyprint  # noqa: F401  (imported while the parent loads and runs the model)
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the result stream
+    sys.stdout = sys.stderr
+    jobs: queue.Queue = queue.Queue()
 
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
+    def read() -> None:
+        while True:
+            try:
+                jobs.put(pickle.load(sys.stdin.buffer))
+            except (EOFError, OSError):
+                jobs.put(None)
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    import weasyprint  # noqa: F401  (imported while the parent loads and runs the model)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from .figures import mpl_figure, save_mpl
+
+    fig, ax = mpl_figure(1, 1, (1, 1))  # warm-up while idle: fonts and the Agg text path load before any job
+    ax[0][0].set_title("0.5")
+    FigureCanvasAgg(fig).draw()
+    while (job := jobs.get()) is not None:
         t0 = time.perf_counter()
         try:
-            write_pdf(job[0], Path(job[1]), Path(job[2]))
-            conn.send(("ok", time.perf_counter() - t0))
+            if job[0] == "png":
+                save_mpl(job[1], Path(job[2]), "png")
+            else:
+                write_pdf(job[1], Path(job[2]), Path(job[3]))
+            result = ("ok", time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            result = ("error", f"{type(e).__name__}: {e}")
+        pickle.dump(result, out)
+        out.flush()
 
 
-class PdfWorker:
-    """WeasyPrint in its own process: started before the model work so its import runs on the other
-    core, then each report's PDF is laid out while the parent writes SVGs, data and HTML."""
+class RenderWorker:
+    """A second process for the raster work: it imports WeasyPrint (and matplotlib) while the parent
+    loads and runs the model, draws the matplotlib charts' PNGs while the parent draws the boards, then
+    lays out the PDF while the parent writes SVGs, data and HTML. Jobs run in the order sent, so a PDF
+    job sent after PNG jobs sees their files; `wait` collects the results.
+
+    A plain subprocess, not multiprocessing: spawn would re-import the caller's __main__ module (a
+    training script calling reportgen.build), and fork would copy a process holding torch's threads."""
 
     def __init__(self):
-        import multiprocessing
+        import subprocess
 
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_pdf_worker, args=(child,), daemon=True, name="reportgen-pdf")
-        self._proc.start()
-        child.close()
-        self._busy = False
+        self._proc = subprocess.Popen([sys.executable, "-m", "reportgen.render"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE)
+        self._pending = 0
 
-    def submit(self, html: str, base_dir: Path, path: Path) -> None:
-        self._conn.send((html, str(base_dir), str(path)))
-        self._busy = True
+    def _send(self, job: tuple) -> None:
+        import pickle
 
-    def wait(self) -> float:
-        """Block until the submitted PDF is written; returns the worker's time on it."""
         from .errors import ReportgenError
 
-        self._busy = False
         try:
-            status, value = self._conn.recv()
-        except (EOFError, OSError):
-            raise ReportgenError("the PDF renderer process died (use --format html to skip the PDF)") from None
-        if status != "ok":
-            raise ReportgenError(f"PDF rendering failed: {value}")
-        return value
+            pickle.dump(job, self._proc.stdin)
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise ReportgenError("the render worker process died (use --format html to skip the PDF)") from None
+        self._pending += 1
+
+    def draw_png(self, figure, path: Path) -> None:
+        """PNG of a matplotlib figure (sent pickled), written to path."""
+        self._send(("png", figure, str(path)))
+
+    def write_pdf(self, html: str, base_dir: Path, path: Path) -> None:
+        self._send(("pdf", html, str(base_dir), str(path)))
+
+    def wait(self) -> float:
+        """Block until every job sent is done; returns the worker's time on them."""
+        import pickle
+
+        from .errors import ReportgenError
+
+        total, error = 0.0, None
+        while self._pending:
+            self._pending -= 1
+            try:
+                status, value = pickle.load(self._proc.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                self._pending = 0
+                raise ReportgenError("the render worker process died (use --format html to skip the PDF)") from None
+            if status == "ok":
+                total += value
+            elif error is None:
+                error = value
+        if error is not None:
+            raise ReportgenError(f"rendering failed: {error}")
+        return total
 
     def close(self) -> None:
         try:
-            if self._busy:
-                self._conn.recv()
-            self._conn.send(None)
-        except (EOFError, OSError, BrokenPipeError):
+            self.wait()
+        except Exception:  # noqa: BLE001 - closing after a failure: the first error was already raised
             pass
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001
             self._proc.kill()
+
+
+if __name__ == "__main__":
+    _serve()
