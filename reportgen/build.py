@@ -126,27 +126,28 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
         from .render import RenderWorker
 
         worker = RenderWorker()  # imports WeasyPrint in parallel with torch below
-    with timer("imports"):
-        import torch  # the heavy imports, timed apart from the work
-        import matplotlib  # noqa: F401
-        from matplotlib.figure import Figure  # noqa: F401
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    from .probes import resolve_device
-
-    device = resolve_device(opts.device)
-    folders = []
+    folders: list[Path] = []
     try:
+        with timer("imports"):
+            import torch  # the heavy imports, timed apart from the work
+            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure  # noqa: F401
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        from .probes import resolve_device
+
+        device = resolve_device(opts.device)
         for i, ref in enumerate(refs, 1):
             _log(opts, f"[{i}/{len(refs)}] {ref.path}")
             folders.append(build_one(ref, opts, params, device, out, timer, worker))
     finally:
         if worker is not None:
             worker.close()
-    with timer("site"):
-        from .site import write_site
+        if folders:  # also after a later checkpoint failed: the index lists the reports that were written
+            with timer("site"):
+                from .site import write_site
 
-        write_site(out, __version__)
+                write_site(out, __version__)
     _log(opts, f"wrote {len(folders)} report(s); site index: {out / 'index.html'}")
     return folders
 

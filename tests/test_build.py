@@ -232,3 +232,15 @@ def test_same_inputs_same_bytes(site, tiny_run, tmp_path):
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     differ = [str(f) for f in files if (rep / f).read_bytes() != (again / f).read_bytes()]
     assert differ == []  # built in another folder, through other temporary names: nothing depends on them
+
+
+def test_a_failing_checkpoint_keeps_the_reports_before_it_listed(good, tmp_path):
+    ckpt, data = good
+    broken = ckpt.parent / "step_9"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    out = tmp_path / "o"
+    line = bad(["--ckpt", ckpt.parent, "--data", data, "--samples", 2], out, r"step_9: not a readable PyTorch checkpoint")
+    assert "corrupt or truncated" in line
+    man = json.loads((out / "manifest.json").read_text())
+    assert [r["name"] for r in man["reports"]] == ["step_5"]
+    assert not (out / "run" / "step_9").exists()
