@@ -83,6 +83,20 @@ def write_pdf(html: str, base_dir: Path, path: Path) -> None:
     weasyprint.HTML(string=html, base_url=str(base_dir) + os.sep).write_pdf(str(path))
 
 
+def _warm_up_pdf() -> None:
+    import io
+
+    import weasyprint
+
+    from .figures import Canvas
+
+    png = "data:image/png;base64," + __import__("base64").b64encode(Canvas(8, 8).png()).decode()
+    page = render("base.html", pdf_date=None).replace(
+        "</main>", f'<h1>x</h1><h2>y</h2><p>z <code>c</code></p><table><caption>t</caption><tr><th>a</th><td>1</td></tr>'
+                   f'</table><figure><img src="{png}" width="8" height="8"><figcaption>f</figcaption></figure></main>')
+    weasyprint.HTML(string=page).write_pdf(io.BytesIO())
+
+
 def _serve() -> None:
     """Worker main loop (`python -m reportgen.render`): pickled jobs on stdin, pickled results on stdout.
     A reader thread takes jobs off the pipe as they come, so the parent never blocks while sending."""
@@ -110,9 +124,12 @@ def _serve() -> None:
 
     from .figures import mpl_figure, save_mpl
 
-    fig, ax = mpl_figure(1, 1, (1, 1))  # warm-up while idle: fonts and the Agg text path load before any job
+    # Warm-up while the parent is still busy: the first PDF and the first chart a process makes pay for
+    # font loading, cffi type parsing and stylesheet set-up; done here, the report's own jobs do not.
+    fig, ax = mpl_figure(1, 1, (1, 1))
     ax[0][0].set_title("0.5")
     FigureCanvasAgg(fig).draw()
+    _warm_up_pdf()
     while (job := jobs.get()) is not None:
         t0 = time.perf_counter()
         try:
