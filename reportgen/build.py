@@ -216,7 +216,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
                     worker.draw_png(f.drawing, tmp / f.files["png"])
                 else:
                     save(f, tmp / "figures" / f.stem, ("png",))
-        meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections, out)
+        meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
         ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
         if worker is not None:
             with timer("html"):  # queued behind the chart PNGs; the worker inlines the PNGs, then lays out
@@ -239,7 +239,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
     return final
 
 
-def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections, out) -> dict:
+def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:
     import torch
 
     cfg = subject.config

@@ -132,7 +132,6 @@ class TRMSubject:
     run_config: dict  # the whole all_config.yaml, or {} when missing
     config_path: Path | None
     notes: list[str] = field(default_factory=list)
-    kind: str = "trm"
 
 
 def read_run_config(ckpt: Path) -> tuple[dict, Path | None]:

@@ -5,7 +5,7 @@ TRM probe: the upstream evaluation semantics (shared/specs/trm.md §3.4, §3.6):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ TRACE_ARRAYS = {
 class TRMTrace:
     arrays: dict[str, np.ndarray]
     prefix_len: int
-    meta: dict = field(default_factory=dict)
 
     def __getattr__(self, name):
         try:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import analyses
 from analyses import solving_stats, step_evolution, sudoku_latents
