@@ -194,8 +194,8 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
         for k, f in enumerate(figs, 1):
             fig_no += 1
             f.number, f.stem = fig_no, f"{n:02d}-{mod.NAME}-{k}"
-        sections.append({"number": n, "name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"),
-                         "doc": (mod.__doc__ or "").strip(), "data": data, "figures": figs})
+        sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
+                         "figures": figs})
 
     final = out / ref.run / ref.name
     from .figures import display_size, is_canvas, save
