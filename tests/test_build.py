@@ -244,3 +244,12 @@ def test_a_failing_checkpoint_keeps_the_reports_before_it_listed(good, tmp_path)
     man = json.loads((out / "manifest.json").read_text())
     assert [r["name"] for r in man["reports"]] == ["step_5"]
     assert not (out / "run" / "step_9").exists()
+
+
+def test_python_api_builds_like_the_cli(tiny_run, tmp_path):
+    import reportgen
+
+    folders = reportgen.build(tiny_run["run"] / "step_100", out=tmp_path, data=str(tiny_run["data"]), samples=2,
+                              formats=["html"], quiet=True)
+    assert folders == [tmp_path / "tiny-run" / "step_100"]
+    assert (folders[0] / "index.html").is_file() and (tmp_path / "manifest.json").is_file()
