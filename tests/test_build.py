@@ -253,3 +253,6 @@ def test_python_api_builds_like_the_cli(tiny_run, tmp_path):
                               formats=["html"], quiet=True)
     assert folders == [tmp_path / "tiny-run" / "step_100"]
     assert (folders[0] / "index.html").is_file() and (tmp_path / "manifest.json").is_file()
+    # a training loop calls it again: the name must still be the function after the engine was imported
+    assert reportgen.build(tiny_run["run"] / "step_200", out=tmp_path, data=str(tiny_run["data"]), samples=2,
+                           formats=["html"], quiet=True) == [tmp_path / "tiny-run" / "step_200"]
