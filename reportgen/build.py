@@ -16,6 +16,7 @@ from . import __version__
 from .errors import ReportgenError
 
 FORMATS = ("html", "pdf")
+FIGURE_FORMATS = ("svg", "png", "pdf")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class BuildOptions:
     dtype: str = "float32"
     only: list[str] | None = None
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    figure_formats: list[str] = field(default_factory=lambda: ["svg", "png"])  # svg and png are always written
     config: str | None = None
     params: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
@@ -64,6 +66,9 @@ def _validate(opts: BuildOptions):
     bad = [f for f in opts.formats if f not in FORMATS]
     if bad or not opts.formats:
         raise ReportgenError(f"--format takes a list of {', '.join(FORMATS)}, not {','.join(opts.formats)!r}")
+    bad = [f for f in opts.figure_formats if f not in FIGURE_FORMATS]
+    if bad:
+        raise ReportgenError(f"--figure-formats takes a list of {', '.join(FIGURE_FORMATS)}, not {','.join(opts.figure_formats)!r}")
     names = list(analyses.REGISTRY)
     if opts.only:
         unknown = [a for a in opts.only if a not in analyses.REGISTRY]
@@ -208,8 +213,9 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
         (tmp / "figures").mkdir()
         (tmp / "data").mkdir()
         with timer("figures"):  # PNGs first: the PDF needs only them, and starts while the rest is written
+            vector = ("svg", "pdf") if "pdf" in opts.figure_formats else ("svg",)  # pdf: for LaTeX, TrueType fonts
             for f in figs:
-                f.files = {"svg": f"figures/{f.stem}.svg", "png": f"figures/{f.stem}.png"}
+                f.files = {fmt: f"figures/{f.stem}.{fmt}" for fmt in ("svg", "png", *vector[1:])}
                 f.width, f.height = display_size(f.drawing)
             for f in figs:  # the worker draws the charts while this process draws the boards
                 if worker is not None and not is_canvas(f.drawing):
@@ -223,7 +229,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
                 worker.write_pdf(render("report.html", raster=True, pdf_date=source_date(), **ctx), tmp, tmp / "report.pdf")
         with timer("figures"):
             for f in figs:
-                save(f, tmp / "figures" / f.stem, ("svg",))
+                save(f, tmp / "figures" / f.stem, vector)
         with timer("analyses"):
             trace.save(tmp / "data" / "trace.npz")
             for s in sections:

@@ -45,6 +45,8 @@ def main():
               help="Analyses to run (default: all that apply): sudoku_latents, step_evolution, solving_stats.")
 @click.option("--format", "formats", callback=_split_list, default="html,pdf", show_default=True, metavar="html,pdf",
               help="Outputs per report.")
+@click.option("--figure-formats", "figure_formats", callback=_split_list, default="svg,png", show_default=True,
+              metavar="svg,png,pdf", help="Files per figure; pdf adds a standalone vector PDF (TrueType fonts) for LaTeX.")
 @click.option("--out", default="site", show_default=True, metavar="DIR", help="Output (site) folder.")
 @click.option("--config", metavar="FILE", help="reportgen.toml with a table per analysis [default: ./reportgen.toml if present].")
 @click.option("--param", "params", multiple=True, metavar="A.KEY=VALUE",
@@ -54,7 +56,7 @@ def main():
 @click.option("--timings", is_flag=True, help="Print the time spent per phase as JSON on stderr at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
-def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, out, config, params, threads,
+def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, figure_formats, out, config, params, threads,
           timings, quiet, debug):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
     from .errors import ReportgenError
@@ -64,7 +66,7 @@ def build(ckpts, data, split, samples, select, seed, device, dtype, only, format
 
         timer = Timer()
         run_build(BuildOptions(ckpts=list(ckpts), out=out, data=data, split=split, samples=samples, select=select,
-                               seed=seed, device=device, dtype=dtype, only=only, formats=formats or [],
+                               seed=seed, device=device, dtype=dtype, only=only, formats=formats or [], figure_formats=figure_formats or [],
                                config=config, params=list(params), threads=threads, quiet=quiet), timer)
         if timings:
             import json

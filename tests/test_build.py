@@ -256,3 +256,24 @@ def test_python_api_builds_like_the_cli(tiny_run, tmp_path):
     # a training loop calls it again: the name must still be the function after the engine was imported
     assert reportgen.build(tiny_run["run"] / "step_200", out=tmp_path, data=str(tiny_run["data"]), samples=2,
                            formats=["html"], quiet=True) == [tmp_path / "tiny-run" / "step_200"]
+
+
+def test_figure_pdfs_for_latex_embed_truetype_fonts(tiny_run, tmp_path):
+    import pypdf
+
+    r = build("--ckpt", tiny_run["run"] / "step_100", "--data", tiny_run["data"], "--out", tmp_path, "--samples", 2,
+              "--format", "html", "--figure-formats", "svg,png,pdf", "--only", "sudoku_latents,solving_stats")
+    assert r.exit_code == 0, r.output
+    rep = tmp_path / "tiny-run" / "step_100"
+    pdfs = sorted((rep / "figures").glob("*.pdf"))
+    assert [p.stem for p in pdfs] == sorted(p.stem for p in (rep / "figures").glob("*.svg"))
+    meta = json.loads((rep / "data/report.json").read_text())
+    assert all(f"figures/{p.name}" in meta["files"] for p in pdfs)
+    assert f'href="figures/{pdfs[0].name}"' in (rep / "index.html").read_text()
+    for p in (pdfs[0], pdfs[-1]):  # a board (drawn by reportgen) and a matplotlib chart
+        page = pypdf.PdfReader(p).pages[0]
+        fonts = [f.get_object() for f in page["/Resources"]["/Font"].values()]
+        assert fonts and all(f["/Subtype"] != "/Type3" for f in fonts)
+        assert all("/FontFile2" in (f.get("/FontDescriptor") or f["/DescendantFonts"][0].get_object()["/FontDescriptor"]).get_object()
+                   for f in fonts)  # TrueType font programs embedded
+        assert page.extract_text().strip()
