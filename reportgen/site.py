@@ -64,6 +64,35 @@ def collect_reports(out: Path) -> list[dict]:
     return sorted(reports, key=lambda r: (r["run"], r["step"] if r["step"] is not None else -1, r["name"]))
 
 
+# headline metrics in the order and wording of the index page and summary.md
+METRIC_LABELS = {
+    "blank_accuracy": ("blank-cell acc.", "pct"),
+    "exact_solve_rate": ("exact solve", "pct"),
+    "mean_steps_to_first_correct": ("steps to solve", "num"),
+    "halt_precision": ("halt precision", "pct"),
+    "halt_recall": ("halt recall", "pct"),
+}
+
+
+def metric_keys(runs: dict[str, list[dict]]) -> list[str]:
+    return [k for k in METRIC_LABELS if any(k in r["metrics"] for rs in runs.values() for r in rs)]
+
+
+def summary_markdown(runs: dict[str, list[dict]]) -> str:
+    """A markdown table of every report's headline metrics (fit for $GITHUB_STEP_SUMMARY)."""
+    keys = metric_keys(runs)
+    lines = ["| run | checkpoint | " + " | ".join(METRIC_LABELS[k][0] for k in keys) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in keys) + " |"]
+    for run, reports in runs.items():
+        for r in reports:
+            cells = []
+            for k in keys:
+                v = r["metrics"].get(k)
+                cells.append("–" if v is None else f"{100 * v:.1f}%" if METRIC_LABELS[k][1] == "pct" else f"{v:.2f}")
+            lines.append(f"| {run} | [{r['name']}]({r['path']}index.html) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_site(out: Path, version: str) -> None:
     from .render import render
 
@@ -73,5 +102,8 @@ def write_site(out: Path, version: str) -> None:
     runs: dict[str, list[dict]] = {}
     for r in reports:
         runs.setdefault(r["run"], []).append(r)
-    write_atomic(out / "index.html", render("index.html", runs=runs, version=version, n_reports=len(reports)))
+    write_atomic(out / "index.html", render("index.html", runs=runs, version=version, n_reports=len(reports),
+                                                columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)]))
+    write_atomic(out / "404.html", render("404.html", version=version))
+    write_atomic(out / "summary.md", f"## reportgen: {len(reports)} report(s)\n\n" + summary_markdown(runs))
     (out / ".nojekyll").touch()

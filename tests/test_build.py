@@ -107,6 +107,12 @@ def test_site_index_and_manifest_keep_every_report(site, tiny_run):
     m = man["reports"][0]["metrics"]
     st = json.loads((out / "tiny-run/step_100/data/solving_stats.json").read_text())
     assert m["blank_accuracy"] == st["summary"]["blank_accuracy"]
+    assert f"{100 * m['blank_accuracy']:.1f}%" in index
+    summary = (out / "summary.md").read_text().splitlines()
+    rows = [ln for ln in summary if ln.startswith("| tiny-run |")]
+    assert len(rows) == 2 and "[step_100](tiny-run/step_100/index.html)" in rows[0]
+    assert f"| {100 * m['blank_accuracy']:.1f}% |" in rows[0]
+    assert (out / "404.html").is_file() and "Not found" in (out / "404.html").read_text()
 
 
 def test_default_data_from_config_and_options(tiny_run, tmp_path, monkeypatch):
