@@ -5,6 +5,7 @@ anything, writes the report into a temporary folder and swaps it in, and finally
 """
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ class BuildOptions:
     only: list[str] | None = None
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
     figure_formats: list[str] = field(default_factory=lambda: ["svg", "png"])  # svg and png are always written
+    self_contained: bool = False  # also write report.html with everything inlined
     config: str | None = None
     params: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
@@ -226,7 +228,9 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
         ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
         if worker is not None:
             with timer("html"):  # queued behind the chart PNGs; the worker inlines the PNGs, then lays out
-                worker.write_pdf(render("report.html", raster=True, pdf_date=source_date(), **ctx), tmp, tmp / "report.pdf")
+                png = {f.stem: f.files["png"] for f in figs}
+                worker.write_pdf(render("report.html", src=png, links=False, pdf_date=source_date(), **ctx), tmp,
+                                 tmp / "report.pdf")
         with timer("figures"):
             for f in figs:
                 save(f, tmp / "figures" / f.stem, vector)
@@ -237,7 +241,12 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
             (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with timer("html"):
             if "html" in opts.formats:
-                (tmp / "index.html").write_text(render("report.html", raster=False, **ctx), encoding="utf-8")
+                svg = {f.stem: f.files["svg"] for f in figs}
+                (tmp / "index.html").write_text(render("report.html", src=svg, links=True, **ctx), encoding="utf-8")
+            if opts.self_contained:  # one file, no reference outside it: figures as data: URIs, no file links
+                svg = {f.stem: "data:image/svg+xml;base64," + base64.b64encode((tmp / f.files["svg"]).read_bytes()).decode()
+                       for f in figs}
+                (tmp / "report.html").write_text(render("report.html", src=svg, links=False, **ctx), encoding="utf-8")
         if worker is not None:
             with timer("pdf"):
                 timer.phases["worker"] = timer.phases.get("worker", 0.0) + worker.wait()
@@ -255,6 +264,8 @@ def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metric
         files.append("index.html")
     if "pdf" in opts.formats:
         files.append("report.pdf")
+    if opts.self_contained:
+        files.append("report.html")
     return {
         "run": ref.run,
         "name": ref.name,

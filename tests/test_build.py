@@ -283,3 +283,17 @@ def test_figure_pdfs_for_latex_embed_truetype_fonts(tiny_run, tmp_path):
         assert all("/FontFile2" in (f.get("/FontDescriptor") or f["/DescendantFonts"][0].get_object()["/FontDescriptor"]).get_object()
                    for f in fonts)  # TrueType font programs embedded
         assert page.extract_text().strip()
+
+
+def test_self_contained_report_references_nothing_outside_itself(tiny_run, tmp_path):
+    r = build("--ckpt", tiny_run["run"] / "step_100", "--data", tiny_run["data"], "--out", tmp_path, "--samples", 2,
+              "--format", "html", "--self-contained")
+    assert r.exit_code == 0, r.output
+    rep = tmp_path / "tiny-run" / "step_100"
+    page = (rep / "report.html").read_text()
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
+    assert refs and all(ref.startswith(("data:", "#")) for ref in refs), [x[:40] for x in refs if not x.startswith(("data:", "#"))]
+    assert page.count('src="data:image/svg+xml;base64,') == len(list((rep / "figures").glob("*.svg")))
+    assert "<script" not in page and "report.html" in json.loads((rep / "data/report.json").read_text())["files"]
+    # the site's own page keeps its links to the figure files and data
+    assert 'href="data/trace.npz"' in (rep / "index.html").read_text()
