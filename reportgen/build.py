@@ -35,6 +35,7 @@ class BuildOptions:
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
     figure_formats: list[str] = field(default_factory=lambda: ["svg", "png"])  # svg and png are always written
     self_contained: bool = False  # also write report.html with everything inlined
+    force: bool = False  # rebuild reports whose inputs have not changed
     config: str | None = None
     params: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
@@ -166,21 +167,26 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
     from .datasets import read_split, select
     from .probes import probe_trm
 
+    final = out / ref.run / ref.name
     with timer("load"):
+        run_config, config_path = read_run_config(ref.path)
+        data_dir, data_how = resolve_data(opts, run_config, ref.path)
+        sha = ref.sha256
+        key = cache_key(sha, config_path, data_dir, opts, params)
+        if not opts.force and up_to_date(final, key):
+            _log(opts, f"  up to date: {final} (inputs unchanged; --force rebuilds)")
+            return final
         sd = strip_trm_prefixes(read_state_dict(ref.path))
         if not is_trm(sd):
             raise ReportgenError(
                 f"{ref.path}: not a TRM checkpoint (no embed_tokens.embedding_weight, lm_head.weight and "
                 f"L_level.layers.* tensors)")
-        run_config, config_path = read_run_config(ref.path)
-        data_dir, data_how = resolve_data(opts, run_config, ref.path)
         split = read_split(data_dir, opts.split)
         subject = load_trm(ref, sd, run_config, config_path, split.meta, opts.dtype)
         if int(split.meta["vocab_size"]) > subject.config.vocab_size:
             raise ReportgenError(f"{data_dir / opts.split / 'dataset.json'}: vocab_size {split.meta['vocab_size']} "
                                  f"is larger than the checkpoint's {subject.config.vocab_size}")
         idx = select(len(split), opts.samples, opts.select, opts.seed, str(data_dir / opts.split))
-        sha = ref.sha256
     cfg = subject.config
     _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")
     if device == "cpu" and cfg.forward_dtype != "float32":
@@ -204,7 +210,6 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
         sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
                          "figures": figs})
 
-    final = out / ref.run / ref.name
     from .figures import display_size, is_canvas, save
     from .probes import TRACE_ARRAYS
     from .render import render, source_date
@@ -225,6 +230,7 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
                 else:
                     save(f, tmp / "figures" / f.stem, ("png",))
         meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
+        meta["cache_key"] = key
         ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
         if worker is not None:
             with timer("html"):  # queued behind the chart PNGs; the worker inlines the PNGs, then lays out
@@ -252,6 +258,40 @@ def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, tim
                 timer.phases["worker"] = timer.phases.get("worker", 0.0) + worker.wait()
     _log(opts, f"  wrote {final}")
     return final
+
+
+def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOptions, params: dict) -> str:
+    """Digest of everything a report depends on: checkpoint and config bytes, the dataset split's files,
+    the options and analysis parameters that change its content, and the reportgen version."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(sha.encode())
+    if config_path is not None:
+        h.update(config_path.read_bytes())
+    split_dir = data_dir / opts.split
+    for f in sorted(split_dir.glob("*")) if split_dir.is_dir() else []:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    fields = {k: getattr(opts, k) for k in ("split", "samples", "select", "seed", "device", "dtype", "only", "formats",
+                                             "figure_formats", "self_contained")}
+    fields["params"] = {name: dataclasses.asdict(p) for name, p in sorted(params.items())}
+    fields["version"] = __version__
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def up_to_date(final: Path, key: str) -> bool:
+    """True when the report in `final` was built from the same inputs and all its files are there."""
+    from .site import REPORT_META
+
+    try:
+        meta = json.loads((final / REPORT_META).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("cache_key") == key and all((final / f).is_file() for f in meta.get("files", []))
 
 
 def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:

@@ -297,3 +297,30 @@ def test_self_contained_report_references_nothing_outside_itself(tiny_run, tmp_p
     assert "<script" not in page and "report.html" in json.loads((rep / "data/report.json").read_text())["files"]
     # the site's own page keeps its links to the figure files and data
     assert 'href="data/trace.npz"' in (rep / "index.html").read_text()
+
+
+def test_unchanged_checkpoints_are_not_rebuilt(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    args = ["--data", tiny_run["data"], "--out", tmp_path / "o", "--samples", 2, "--format", "html"]
+    stamp = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "o" / "run").rglob("*") if p.is_file()}  # noqa: E731
+
+    def run_build(*extra):
+        r = CliRunner().invoke(main, ["build", "--ckpt", str(run), *map(str, args), *extra])
+        assert r.exit_code == 0, r.output
+        return r.stderr
+
+    run_build()
+    first = stamp()
+    log = run_build()
+    assert log.count("up to date") == 2 and stamp() == first  # the cache answered: nothing was rewritten
+    save_upstream(make_model(9), run, 300, "data/tiny-sudoku", write_config=False)  # a new checkpoint appears
+    log = run_build()
+    assert log.count("up to date") == 2 and "wrote" in log.split("step_300")[-1]
+    assert {p: t for p, t in stamp().items() if "step_300" not in str(p)} == first
+    assert "up to date" not in run_build("--samples", "3")  # a changed option rebuilds
+    assert "up to date" not in run_build("--samples", "3", "--force")
+    man = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [r["name"] for r in man["reports"]] == ["step_100", "step_200", "step_300"]
