@@ -119,8 +119,39 @@ def _progress(opts: BuildOptions):
     return show
 
 
+@dataclass
+class Job:
+    """One checkpoint's build, planned before any heavy import: its inputs and their digest."""
+
+    ref: object  # CheckpointRef
+    final: Path  # the report folder
+    sha: str
+    key: str
+    run_config: dict
+    config_path: Path | None
+    data_dir: Path
+    data_how: str
+
+
+def plan(ref, opts: BuildOptions, params: dict, out: Path) -> Job:
+    from .checkpoints import read_run_config, read_state_dict
+
+    try:
+        run_config, config_path = read_run_config(ref.path)
+        data_dir, data_how = resolve_data(opts, run_config, ref.path)
+    except ReportgenError:
+        read_state_dict(ref.path)  # an unreadable checkpoint is the problem to report first
+        raise
+    sha = ref.sha256
+    return Job(ref, out / ref.run / ref.name, sha, cache_key(sha, config_path, data_dir, opts, params), run_config,
+               config_path, data_dir, data_how)
+
+
 def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
-    """Build every checkpoint's report and the site index; returns the report folders."""
+    """Build every checkpoint's report and the site index; returns the report folders.
+
+    Reports whose inputs are unchanged are skipped before torch, matplotlib or WeasyPrint is imported,
+    so a rebuild with nothing new costs little more than hashing the inputs."""
     from .checkpoints import discover
 
     timer = timer or Timer()
@@ -129,25 +160,35 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ReportgenError(f"{out}: --out exists and is not a folder")
+    folders: list[Path] = []
+    todo: list[tuple[int, Job]] = []
+    with timer("plan"):
+        for i, ref in enumerate(refs, 1):
+            job = plan(ref, opts, params, out)
+            if not opts.force and up_to_date(job.final, job.key):
+                _log(opts, f"[{i}/{len(refs)}] up to date: {job.final} (inputs unchanged; --force rebuilds)")
+                folders.append(job.final)
+            else:
+                todo.append((i, job))
     worker = None
-    if "pdf" in opts.formats:
+    if todo and "pdf" in opts.formats:
         from .render import RenderWorker
 
         worker = RenderWorker()  # imports WeasyPrint in parallel with torch below
-    folders: list[Path] = []
     try:
-        with timer("imports"):
-            import torch  # the heavy imports, timed apart from the work
-            import matplotlib  # noqa: F401
-            from matplotlib.figure import Figure  # noqa: F401
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        from .probes import resolve_device
+        if todo:
+            with timer("imports"):
+                import torch  # the heavy imports, timed apart from the work
+                import matplotlib  # noqa: F401
+                from matplotlib.figure import Figure  # noqa: F401
+            if opts.threads:
+                torch.set_num_threads(opts.threads)
+            from .probes import resolve_device
 
-        device = resolve_device(opts.device)
-        for i, ref in enumerate(refs, 1):
-            _log(opts, f"[{i}/{len(refs)}] {ref.path}")
-            folders.append(build_one(ref, opts, params, device, out, timer, worker))
+            device = resolve_device(opts.device)
+        for i, job in todo:
+            _log(opts, f"[{i}/{len(refs)}] {job.ref.path}")
+            folders.append(build_one(job, opts, params, device, timer, worker))
     finally:
         if worker is not None:
             worker.close()
@@ -156,26 +197,20 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
                 from .site import write_site
 
                 write_site(out, __version__)
-    _log(opts, f"wrote {len(folders)} report(s); site index: {out / 'index.html'}")
+    _log(opts, f"{len(todo)} report(s) built, {len(refs) - len(todo)} up to date; site index: {out / 'index.html'}")
     return folders
 
 
-def build_one(ref, opts: BuildOptions, params: dict, device: str, out: Path, timer: Timer, worker=None) -> Path:
+def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None) -> Path:
     import analyses
 
-    from .checkpoints import is_trm, load_trm, read_run_config, read_state_dict, strip_trm_prefixes
+    from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
     from .datasets import read_split, select
     from .probes import probe_trm
 
-    final = out / ref.run / ref.name
+    ref, final, sha, key = job.ref, job.final, job.sha, job.key
+    run_config, config_path, data_dir, data_how = job.run_config, job.config_path, job.data_dir, job.data_how
     with timer("load"):
-        run_config, config_path = read_run_config(ref.path)
-        data_dir, data_how = resolve_data(opts, run_config, ref.path)
-        sha = ref.sha256
-        key = cache_key(sha, config_path, data_dir, opts, params)
-        if not opts.force and up_to_date(final, key):
-            _log(opts, f"  up to date: {final} (inputs unchanged; --force rebuilds)")
-            return final
         sd = strip_trm_prefixes(read_state_dict(ref.path))
         if not is_trm(sd):
             raise ReportgenError(
