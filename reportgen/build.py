@@ -36,6 +36,8 @@ class BuildOptions:
     figure_formats: list[str] = field(default_factory=lambda: ["svg", "png"])  # svg and png are always written
     self_contained: bool = False  # also write report.html with everything inlined
     force: bool = False  # rebuild reports whose inputs have not changed
+    jobs: int = 1  # checkpoints built in parallel processes
+    write_index: bool = True  # write the site index (off in the child processes of --jobs)
     config: str | None = None
     params: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
@@ -170,6 +172,8 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
                 folders.append(job.final)
             else:
                 todo.append((i, job))
+    if opts.jobs > 1 and len(todo) > 1:
+        return _run_parallel(opts, refs, todo, folders, out, timer)
     worker = None
     if todo and "pdf" in opts.formats:
         from .render import RenderWorker
@@ -192,12 +196,64 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     finally:
         if worker is not None:
             worker.close()
-        if folders:  # also after a later checkpoint failed: the index lists the reports that were written
+        if folders and opts.write_index:  # also after a later checkpoint failed: it lists the reports written
             with timer("site"):
                 from .site import write_site
 
                 write_site(out, __version__)
-    _log(opts, f"{len(todo)} report(s) built, {len(refs) - len(todo)} up to date; site index: {out / 'index.html'}")
+    index = f"; site index: {out / 'index.html'}" if opts.write_index else ""
+    _log(opts, f"{len(todo)} report(s) built, {len(refs) - len(todo)} up to date{index}")
+    return folders
+
+
+def _child_args(opts: BuildOptions, ckpts: list[str], threads: int) -> list[str]:
+    """The `reportgen build` command line of a --jobs child: the same options for a share of the checkpoints."""
+    args = [sys.executable, "-m", "reportgen", "build", "--out", opts.out, "--split", opts.split, "--samples",
+            str(opts.samples), "--select", opts.select, "--seed", str(opts.seed), "--device", opts.device, "--dtype",
+            opts.dtype, "--format", ",".join(opts.formats), "--figure-formats", ",".join(opts.figure_formats),
+            "--threads", str(threads), "--no-index"]
+    for c in ckpts:
+        args += ["--ckpt", c]
+    for flag, value in (("--data", opts.data), ("--only", ",".join(opts.only or [])), ("--config", opts.config)):
+        if value:
+            args += [flag, value]
+    for p in opts.params:
+        args += ["--param", p]
+    args += [f for f, on in (("--self-contained", opts.self_contained), ("--force", opts.force), ("-q", opts.quiet)) if on]
+    return args
+
+
+def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path, timer: Timer) -> list[Path]:
+    """--jobs N: the stale checkpoints are shared among N `reportgen build` processes (plain subprocesses,
+    like the render worker), each with its share of the CPU threads; the site index is written once at the end."""
+    import os
+    import subprocess
+
+    n = min(opts.jobs, len(todo))
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // n)
+    shares = [[str(job.ref.path) for _, job in todo[k::n]] for k in range(n)]
+    with timer("jobs"):
+        procs = [subprocess.Popen(_child_args(opts, share, threads), stderr=subprocess.PIPE, text=True) for share in shares]
+        errors = []
+        for proc in procs:
+            _, err = proc.communicate()
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            if proc.returncode:
+                errors.append(next((ln for ln in reversed(lines) if ln.startswith("reportgen: error: ")),
+                                   f"reportgen: error: a --jobs process failed (exit {proc.returncode})"))
+            elif not opts.quiet and lines:
+                print("\n".join(lines), file=sys.stderr, flush=True)
+    done = [job.final for _, job in todo if up_to_date(job.final, job.key)]
+    folders += done
+    if folders and opts.write_index:
+        with timer("site"):
+            from .site import write_site
+
+            write_site(out, __version__)
+    if errors:
+        raise ReportgenError(errors[0].removeprefix("reportgen: error: "))
+    _log(opts, f"{len(done)} report(s) built in {n} processes, {len(refs) - len(todo)} up to date; "
+               f"site index: {out / 'index.html'}")
     return folders
 
 

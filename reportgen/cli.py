@@ -49,6 +49,9 @@ def main():
               metavar="svg,png,pdf", help="Files per figure; pdf adds a standalone vector PDF (TrueType fonts) for LaTeX.")
 @click.option("--self-contained", "self_contained", is_flag=True,
               help="Also write report.html with figures and styles inlined and no external reference (mail it, open a CI artifact in one click).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Build checkpoints in this many parallel processes.")
+@click.option("--no-index", "no_index", is_flag=True, hidden=True)
 @click.option("--force", is_flag=True, help="Rebuild reports whose inputs have not changed (they are skipped otherwise).")
 @click.option("--out", default="site", show_default=True, metavar="DIR", help="Output (site) folder.")
 @click.option("--config", metavar="FILE", help="reportgen.toml with a table per analysis [default: ./reportgen.toml if present].")
@@ -59,7 +62,7 @@ def main():
 @click.option("--timings", is_flag=True, help="Print the time spent per phase as JSON on stderr at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
-def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, figure_formats, self_contained, force, out,
+def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, figure_formats, self_contained, jobs, no_index, force, out,
           config, params, threads,
           timings, quiet, debug):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
@@ -70,7 +73,7 @@ def build(ckpts, data, split, samples, select, seed, device, dtype, only, format
 
         timer = Timer()
         run_build(BuildOptions(ckpts=list(ckpts), out=out, data=data, split=split, samples=samples, select=select,
-                               seed=seed, device=device, dtype=dtype, only=only, formats=formats or [], figure_formats=figure_formats or [], self_contained=self_contained, force=force,
+                               seed=seed, device=device, dtype=dtype, only=only, formats=formats or [], figure_formats=figure_formats or [], self_contained=self_contained, jobs=jobs, write_index=not no_index, force=force,
                                config=config, params=list(params), threads=threads, quiet=quiet), timer)
         if timings:
             import json

@@ -324,3 +324,23 @@ def test_unchanged_checkpoints_are_not_rebuilt(tiny_run, tmp_path):
     assert "3 report(s) built, 0 up to date" in run_build("--samples", "3", "--force")
     man = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [r["name"] for r in man["reports"]] == ["step_100", "step_200", "step_300"]
+
+
+def test_parallel_jobs_write_the_same_site(tiny_run, tmp_path):
+    args = ["--ckpt", tiny_run["run"], "--data", tiny_run["data"], "--samples", 2, "--format", "html"]
+    assert build(*args, "--out", tmp_path / "one").exit_code == 0
+    r = build(*args, "--out", tmp_path / "two", "--jobs", 2)
+    assert r.exit_code == 0, r.output
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two and len([p for p in one if p.name == "index.html"]) == 3
+    assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
+
+
+def test_parallel_jobs_report_a_failing_checkpoint_in_one_line(good, tmp_path):
+    ckpt, data = good
+    save_upstream(make_model(3), ckpt.parent, 6, str(data), write_config=False)
+    (ckpt.parent / "step_9").write_bytes(b"PK\x03\x04 truncated")
+    out = tmp_path / "o"
+    bad(["--ckpt", ckpt.parent, "--data", data, "--samples", 2, "--jobs", 2], out, r"step_9: not a readable PyTorch checkpoint")
+    assert [r["name"] for r in json.loads((out / "manifest.json").read_text())["reports"]] == ["step_5", "step_6"]
