@@ -56,7 +56,7 @@ def bench_build(ckpt: Path, repeat: int, threads: int) -> None:
             rows.append(phases)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     outside = med["total"] - med["imports"] - med["probe"] - med["startup"]
-    split = ", ".join(f"{k} {med[k]:.2f}" for k in ("startup", "imports", "load", "probe", "analyses", "figures",
+    split = ", ".join(f"{k} {med[k]:.2f}" for k in ("startup", "plan", "imports", "load", "probe", "analyses", "figures",
                                                     "html", "pdf", "site"))
     split += f"; in parallel, the render worker process (WeasyPrint import, chart PNGs, PDF layout) worked {med['worker']:.2f} s"
     print(f"(a) build {ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt} html+pdf cold: "
