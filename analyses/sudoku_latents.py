@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reportgen.boards import Cell, board_height, draw_board, given_cell, token_str
+from reportgen.boards import TITLE_H, Cell, board_height, draw_board, given_cell, token_str
 from reportgen.figures import ACCENT, BAD, GIVEN_BG, GOOD, INK, MUTED, Canvas, Figure, mix
 from reportgen.probes import reverse_embed
 
@@ -119,3 +119,41 @@ def figures(data: dict, params: Params) -> list[Figure]:
 def metrics(data: dict) -> dict:
     s = data["samples"]
     return {"z_H_matches_target": float(np.mean([x["z_H_matches_target"] for x in s]))}
+
+
+def run_figure(items: list[tuple[str, dict]]) -> Figure | None:
+    """Across a run: the same puzzle's prediction and tokenized latents at every checkpoint, one row each,
+    so a reader sees the solution emerge over training. `items` are (checkpoint label, this analysis's
+    data) in step order; the puzzle is the one, among those every report contains, whose blank-cell accuracy
+    rises most from the first checkpoint to the last."""
+    if not items:
+        return None
+    common = set.intersection(*({s["puzzle_index"] for s in d["samples"]} for _, d in items))
+    if not common:
+        return None
+    def acc(d, p):
+        return next(x["blank_accuracy"] for x in d["samples"] if x["puzzle_index"] == p)
+
+    pz = max(sorted(common), key=lambda p: acc(items[-1][1], p) - acc(items[0][1], p))  # the most improved puzzle
+    cell, gap_x, gap_y, label_w = 16, 14, 8, 92
+    cols = (2, 3, 4)  # prediction ŷ, tokenized z_H, tokenized z_L
+    bw, bh = 9 * cell, board_height(cell, 1)
+    c = Canvas(label_w + len(cols) * (bw + gap_x) + 4, len(items) * (bh + gap_y) + 8)
+    for r, (label, d) in enumerate(items):
+        s = next(x for x in d["samples"] if x["puzzle_index"] == pz)
+        panels = panel_cells(s)
+        y = 4 + r * (bh + gap_y)
+        verdict = "solved" if s["solved"] else f"{s['blank_accuracy']:.0%} of blanks"
+        c.text(4, y + bh / 2 - 6, label, size=10, anchor="start", bold=True)
+        c.text(4, y + bh / 2 + 8, verdict, size=8.5, anchor="start", fill=GOOD if s["solved"] else MUTED)
+        for k, p in enumerate(cols):  # titles over the first row only; every board sits below a title's height
+            x = label_w + k * (bw + gap_x)
+            if r == 0:
+                draw_board(c, x, y, panels[p], cell=cell, title=PANELS[p])
+            else:
+                draw_board(c, x, y + TITLE_H, panels[p], cell=cell)
+    return Figure("trend-sudoku_latents", (
+        f"Puzzle {pz} (of those in every report, the one whose blank-cell accuracy rose most) across the run: the prediction ŷ and the tokenized z_H and z_L after the last ACT step, one row "
+        f"per checkpoint in training order. Red digits with a corner tick are wrong; tinted latent cells equal the "
+        f"target. Read down a column to see the solution emerge over training."), c,
+        alt=f"Boards of puzzle {pz} at every checkpoint")

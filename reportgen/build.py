@@ -200,7 +200,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
             with timer("site"):
                 from .site import write_site
 
-                write_site(out, __version__)
+                write_site(out, __version__, {job.ref.run for _, job in todo})
     index = f"; site index: {out / 'index.html'}" if opts.write_index else ""
     _log(opts, f"{len(todo)} report(s) built, {len(refs) - len(todo)} up to date{index}")
     return folders
@@ -249,7 +249,7 @@ def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
         with timer("site"):
             from .site import write_site
 
-            write_site(out, __version__)
+            write_site(out, __version__, {job.ref.run for _, job in todo})
     if errors:
         raise ReportgenError(errors[0].removeprefix("reportgen: error: "))
     _log(opts, f"{len(done)} report(s) built in {n} processes, {len(refs) - len(todo)} up to date; "

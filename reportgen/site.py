@@ -93,7 +93,76 @@ def summary_markdown(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_site(out: Path, version: str) -> None:
+def trend_figure(reports: list[dict]):
+    """Headline metrics across training steps (matplotlib), or None when no report has a step and metrics."""
+    from .figures import ACCENT, BAD, GOOD, MUTED, Figure, mpl_figure
+
+    pts = [r for r in reports if r["step"] is not None and r["metrics"]]
+    if not pts:
+        return None
+    steps = [r["step"] for r in pts]
+    fig, ax = mpl_figure(1, 2, (6.6, 2.5))
+    a, b = ax[0]
+    colours = {"blank_accuracy": ACCENT, "exact_solve_rate": GOOD, "halt_precision": MUTED, "halt_recall": BAD}
+    for k, colour in colours.items():
+        ys = [r["metrics"].get(k) for r in pts]
+        if any(v is not None for v in ys):
+            a.plot(steps, [float("nan") if v is None else v for v in ys], marker="o", ms=3, color=colour,
+                   ls="-" if k in ("blank_accuracy", "exact_solve_rate") else ":", label=METRIC_LABELS[k][0])
+    a.set(xlabel="training step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy and halting")
+    a.legend(loc="best")
+    ys = [r["metrics"].get("mean_steps_to_first_correct") for r in pts]
+    b.plot(steps, [float("nan") if v is None else v for v in ys], marker="s", ms=3, color=ACCENT)
+    b.set(xlabel="training step", ylabel="ACT steps", title="(b) mean steps to the first correct board")
+    return Figure("trend-metrics", (
+        "Headline metrics of each checkpoint's report against its training step, over the puzzles each report ran "
+        "(after the last ACT step). Dotted: halting precision and recall of q_halt > 0; gaps: no puzzle in the "
+        "denominator, or none solved."), fig, alt="Metrics across training steps")
+
+
+def write_run_overview(out: Path, run: str, reports: list[dict], version: str) -> None:
+    """<run>/index.html: every checkpoint's metrics, their trend, and the analyses' run figures."""
+    import analyses
+
+    from .figures import display_size, save
+    from .render import render
+
+    folder = out / run
+    figs = []
+    trend = trend_figure(reports)
+    if trend is not None:
+        figs.append(trend)
+    for mod in analyses.REGISTRY.values():
+        if not hasattr(mod, "run_figure"):
+            continue
+        items = []
+        for r in reports:
+            try:
+                items.append((r["name"], json.loads((out / r["path"] / "data" / f"{mod.NAME}.json").read_text())))
+            except (OSError, ValueError):
+                continue  # that report did not run this analysis
+        f = mod.run_figure(items) if len(items) == len(reports) else None
+        if f is not None:
+            figs.append(f)
+    (folder / "figures").mkdir(exist_ok=True)
+    (folder / "data").mkdir(exist_ok=True)
+    for n, f in enumerate(figs, 1):
+        f.number, f.stem = n, f.key
+        written = save(f, folder / "figures" / f.stem, ("svg", "png"))
+        f.files = {fmt: p.relative_to(folder).as_posix() for fmt, p in written.items()}
+        f.width, f.height = display_size(f.drawing)
+    rows = [{"name": r["name"], "step": r["step"], "path": r["name"] + "/", "metrics": r["metrics"],
+             "files": r["files"]} for r in reports]
+    write_atomic(folder / "data" / "overview.json", json.dumps({"run": run, "reports": rows}, indent=1, sort_keys=True) + "\n")
+    runs = {run: reports}
+    write_atomic(folder / "index.html", render(
+        "run.html", run=run, rows=rows, figures=figs, version=version,
+        columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)], src={f.stem: f.files["svg"] for f in figs}, links=True))
+
+
+def write_site(out: Path, version: str, changed_runs: set[str] | None = None) -> None:
+    """The site index, manifest, summary, 404 and .nojekyll; the overview of every run in `changed_runs`
+    (all runs when None) and of every run that has none yet."""
     from .render import render
 
     reports = collect_reports(out)
@@ -104,6 +173,9 @@ def write_site(out: Path, version: str) -> None:
         runs.setdefault(r["run"], []).append(r)
     write_atomic(out / "index.html", render("index.html", runs=runs, version=version, n_reports=len(reports),
                                                 columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)]))
+    for run, rs in runs.items():
+        if changed_runs is None or run in changed_runs or not (out / run / "index.html").is_file():
+            write_run_overview(out, run, rs, version)
     write_atomic(out / "404.html", render("404.html", version=version))
     write_atomic(out / "summary.md", f"## reportgen: {len(reports)} report(s)\n\n" + summary_markdown(runs))
     (out / ".nojekyll").touch()

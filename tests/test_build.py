@@ -225,7 +225,7 @@ def test_failed_build_keeps_the_previous_report(good, tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated file
     bad(["--ckpt", ckpt, "--data", data], out, r"step_5: not a readable PyTorch checkpoint")
     assert (rep / "index.html").read_bytes() == before
-    assert sorted(p.name for p in rep.parent.iterdir()) == ["step_5"]
+    assert [p.name for p in rep.parent.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
 def test_same_inputs_same_bytes(site, tiny_run, tmp_path):
@@ -305,7 +305,7 @@ def test_unchanged_checkpoints_are_not_rebuilt(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run["run"], run)
     args = ["--data", tiny_run["data"], "--out", tmp_path / "o", "--samples", 2, "--format", "html"]
-    stamp = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "o" / "run").rglob("*") if p.is_file()}  # noqa: E731
+    stamp = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "o" / "run").glob("step_*/**/*") if p.is_file()}  # noqa: E731
 
     def run_build(*extra):
         r = CliRunner().invoke(main, ["build", "--ckpt", str(run), *map(str, args), *extra])
@@ -333,7 +333,7 @@ def test_parallel_jobs_write_the_same_site(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
-    assert one == two and len([p for p in one if p.name == "index.html"]) == 3
+    assert one == two and len([p for p in one if p.name == "index.html"]) == 4  # site, run overview, 2 reports
     assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
 
 
@@ -344,3 +344,32 @@ def test_parallel_jobs_report_a_failing_checkpoint_in_one_line(good, tmp_path):
     out = tmp_path / "o"
     bad(["--ckpt", ckpt.parent, "--data", data, "--samples", 2, "--jobs", 2], out, r"step_9: not a readable PyTorch checkpoint")
     assert [r["name"] for r in json.loads((out / "manifest.json").read_text())["reports"]] == ["step_5", "step_6"]
+
+
+def test_run_overview_matches_the_reports(tiny_run, tmp_path):
+    r = build("--ckpt", tiny_run["run"], "--data", tiny_run["data"], "--out", tmp_path, "--samples", 3, "--format", "html")
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "tiny-run"
+    overview = json.loads((run / "data/overview.json").read_text())
+    assert [(x["name"], x["step"]) for x in overview["reports"]] == [("step_100", 100), ("step_200", 200)]
+    for x in overview["reports"]:
+        assert x["metrics"] == json.loads((run / x["name"] / "data/report.json").read_text())["metrics"]
+    html = (run / "index.html").read_text()
+    assert 'href="step_100/index.html"' in html and 'href="../index.html"' in html
+    assert (run / "figures/trend-metrics.svg").is_file()
+    boards = (run / "figures/trend-sudoku_latents.svg").read_text()
+    assert ">step_100<" in boards and ">step_200<" in boards  # one row per checkpoint
+    assert 'href="tiny-run/index.html"' in (tmp_path / "index.html").read_text()
+
+
+def test_run_figure_picks_the_most_improved_common_puzzle():
+    from analyses import sudoku_latents
+
+    def data(accs):
+        return {"samples": [dict(puzzle_index=p, blank_accuracy=a, solved=a == 1.0, inputs=[1] * 81, labels=[2] * 81,
+                                 preds=[2] * 81, confidence=[1.0] * 81, z_H_tokens=[2] * 81, z_L_tokens=[1] * 81)
+                            for p, a in accs.items()]}
+
+    f = sudoku_latents.run_figure([("a", data({3: 0.1, 5: 0.5, 8: 0.2})), ("b", data({3: 0.9, 5: 0.6, 9: 1.0}))])
+    assert f.caption.startswith("Puzzle 3 ")  # 8 and 9 are not in both; 3 rose by 0.8, 5 by 0.1
+    assert sudoku_latents.run_figure([("a", data({1: 0.5})), ("b", data({2: 0.5}))]) is None
