@@ -5,7 +5,6 @@ anything, writes the report into a temporary folder and swaps it in, and finally
 """
 from __future__ import annotations
 
-import base64
 import json
 import sys
 import time
@@ -303,7 +302,7 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
 
     from .figures import display_size, is_canvas, save
     from .probes import TRACE_ARRAYS
-    from .render import render, source_date
+    from .render import inline_images, render, source_date
     from .site import REPORT_META, staged_report
 
     figs = [f for s in sections for f in s["figures"]]
@@ -341,9 +340,8 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
                 svg = {f.stem: f.files["svg"] for f in figs}
                 (tmp / "index.html").write_text(render("report.html", src=svg, links=True, **ctx), encoding="utf-8")
             if opts.self_contained:  # one file, no reference outside it: figures as data: URIs, no file links
-                svg = {f.stem: "data:image/svg+xml;base64," + base64.b64encode((tmp / f.files["svg"]).read_bytes()).decode()
-                       for f in figs}
-                (tmp / "report.html").write_text(render("report.html", src=svg, links=False, **ctx), encoding="utf-8")
+                page = render("report.html", src={f.stem: f.files["svg"] for f in figs}, links=False, **ctx)
+                (tmp / "report.html").write_text(inline_images(page, tmp), encoding="utf-8")
         if worker is not None:
             with timer("pdf"):
                 timer.phases["worker"] = timer.phases.get("worker", 0.0) + worker.wait()

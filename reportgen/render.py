@@ -60,15 +60,19 @@ def source_date() -> str | None:
 
 
 def inline_images(html: str, base_dir: Path) -> str:
-    """Replace `src="figures/….png"` by data: URIs. WeasyPrint names embedded images by their URL, and
-    the report is written in a temporary folder: inlined, the PDF depends on image content only."""
+    """Replace `src="figures/….png|svg"` by data: URIs read from base_dir. Used for the PDF (WeasyPrint names
+    embedded images by their URL, and the report is written in a temporary folder: inlined, the PDF depends
+    on image content only) and for --self-contained pages (nothing outside the file)."""
     import base64
     import re
 
-    def data_uri(m) -> str:
-        return 'src="data:image/png;base64,' + base64.b64encode((base_dir / m.group(1)).read_bytes()).decode() + '"'
+    mime = {"png": "image/png", "svg": "image/svg+xml"}
 
-    return re.sub(r'src="(figures/[^"/]+\.png)"', data_uri, html)
+    def data_uri(m) -> str:
+        data = base64.b64encode((base_dir / m.group(1)).read_bytes()).decode()
+        return f'src="data:{mime[m.group(2)]};base64,{data}"'
+
+    return re.sub(r'src="(figures/[^"/]+\.(png|svg))"', data_uri, html)
 
 
 def write_pdf(html: str, base_dir: Path, path: Path) -> None:
