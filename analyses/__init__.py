@@ -8,9 +8,10 @@ partial `templates/partials/<NAME>.html`. Add one by adding its module to `_MODU
 """
 from __future__ import annotations
 
-from . import solving_stats, step_evolution, sudoku_latents
+from . import (attention, gradient_flow, predictions, sae_features, solving_stats, step_evolution, sudoku_latents,
+               token_map)
 
-_MODULES = (sudoku_latents, step_evolution, solving_stats)
+_MODULES = (sudoku_latents, step_evolution, solving_stats, predictions, attention, gradient_flow, token_map, sae_features)
 REGISTRY = {m.NAME: m for m in _MODULES}
 
 

@@ -41,6 +41,16 @@ class BuildOptions:
     params: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     quiet: bool = False
+    # language-model checkpoints
+    vocab: str | None = None  # vocab file, "bytes", or None (vocab.json beside the checkpoint)
+    seq_len: int = 0  # tokens per evaluation sequence; 0: min(128, model context)
+    max_seqs: int = 256
+    mask_rate: float = 0.15  # share of positions masked for a restoration (bidirectional) model
+    sae: str | None = None  # SAELens SAE folder
+    train_sae: int | None = None  # layer whose resid_post an SAE is trained on (with SAELens)
+    sae_arch: str = "topk"
+    sae_tokens: int = 200_000
+    trust_checkpoint: bool = False  # allow unpickling whole pickled models
 
 
 class Timer:
@@ -67,6 +77,16 @@ def _validate(opts: BuildOptions):
         raise ReportgenError(f"--dtype must be float32 or config, not {opts.dtype!r}")
     if opts.samples < 1:
         raise ReportgenError(f"--samples must be at least 1, not {opts.samples}")
+    if not 0 < opts.mask_rate < 1:
+        raise ReportgenError(f"--mask-rate must be between 0 and 1, not {opts.mask_rate}")
+    if opts.seq_len < 0 or opts.max_seqs < 1:
+        raise ReportgenError("--seq-len must be >= 0 (0: automatic) and --max-seqs >= 1")
+    if opts.sae and opts.train_sae is not None:
+        raise ReportgenError("pass either --sae DIR or --train-sae LAYER, not both")
+    if opts.sae_arch not in ("topk", "standard"):
+        raise ReportgenError(f"--sae-arch must be topk or standard, not {opts.sae_arch!r}")
+    if opts.sae and not Path(opts.sae).is_dir():
+        raise ReportgenError(f"{opts.sae}: SAE folder not found (--sae)")
     bad = [f for f in opts.formats if f not in FORMATS]
     if bad or not opts.formats:
         raise ReportgenError(f"--format takes a list of {', '.join(FORMATS)}, not {','.join(opts.formats)!r}")
@@ -109,13 +129,13 @@ def _log(opts: BuildOptions, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _progress(opts: BuildOptions):
-    """Per-ACT-step progress on an interactive stderr (a real-size TRM takes minutes on a CPU)."""
+def _progress(opts: BuildOptions, what: str = "ACT step"):
+    """Progress on an interactive stderr (a real-size model takes minutes on a CPU)."""
     if opts.quiet or not sys.stderr.isatty():
         return None
 
     def show(step: int, total: int) -> None:
-        print(f"\r  ACT step {step}/{total}", end="\n" if step == total else "", file=sys.stderr, flush=True)
+        print(f"\r  {what} {step}/{total}", end="\n" if step == total else "", file=sys.stderr, flush=True)
 
     return show
 
@@ -132,11 +152,23 @@ class Job:
     config_path: Path | None
     data_dir: Path
     data_how: str
+    kind: str = "trm"
 
 
 def plan(ref, opts: BuildOptions, params: dict, out: Path) -> Job:
-    from .checkpoints import read_run_config, read_state_dict
+    from .checkpoints import read_run_config, read_state_dict, sniff_kind
 
+    if sniff_kind(ref.path) == "lm":
+        if not opts.data:
+            raise ReportgenError(f"{ref.path}: a language-model checkpoint needs --data (a UTF-8 text file, a .npy/.pt "
+                                 f"token array or a datasets folder)")
+        if not Path(opts.data).exists():
+            raise ReportgenError(f"{opts.data}: evaluation data not found (--data)")
+        from .lmreport import input_files
+
+        job = Job(ref, out / ref.run / ref.name, ref.sha256, "", {}, None, Path(opts.data), "--data", "lm")
+        job.key = cache_key(job.sha, None, job.data_dir, opts, params, input_files(job, opts))
+        return job
     try:
         run_config, config_path = read_run_config(ref.path)
         data_dir, data_how = resolve_data(opts, run_config, ref.path)
@@ -218,7 +250,13 @@ def _child_args(opts: BuildOptions, ckpts: list[str], threads: int) -> list[str]
             args += [flag, value]
     for p in opts.params:
         args += ["--param", p]
-    args += [f for f, on in (("--self-contained", opts.self_contained), ("--force", opts.force), ("-q", opts.quiet)) if on]
+    args += ["--seq-len", str(opts.seq_len), "--max-seqs", str(opts.max_seqs), "--mask-rate", str(opts.mask_rate),
+             "--sae-arch", opts.sae_arch, "--sae-tokens", str(opts.sae_tokens)]
+    for flag, value in (("--vocab", opts.vocab), ("--sae", opts.sae), ("--train-sae", opts.train_sae)):
+        if value is not None:
+            args += [flag, str(value)]
+    args += [f for f, on in (("--self-contained", opts.self_contained), ("--force", opts.force), ("-q", opts.quiet),
+                             ("--trust-checkpoint", opts.trust_checkpoint)) if on]
     return args
 
 
@@ -257,6 +295,19 @@ def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
 
 
 def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None) -> Path:
+    """Gather a checkpoint's data (per kind), then write its report into a staged folder."""
+    if job.kind == "lm":
+        from .lmreport import lm_context, lm_meta, prepare_lm
+
+        prepared = prepare_lm(job, opts, params, device, timer, lambda m: _log(opts, m), _progress(opts, "sequences"))
+        meta = lm_meta(job, opts, prepared, device)
+        ctx = lm_context(meta, prepared)
+        return write_report(job, opts, meta, ctx, prepared["trace"], prepared["sections"], timer, worker,
+                            sae_dir=prepared["sae_dir"])
+    return build_trm(job, opts, params, device, timer, worker)
+
+
+def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None) -> Path:
     import analyses
 
     from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
@@ -286,25 +337,38 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
                           progress=_progress(opts))
 
     selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
-    sections, metrics, fig_no = [], {}, 0
-    for n, mod in enumerate(selected, 1):
+    sections, metrics = [], {}
+    for mod in selected:
         with timer("analyses"):
             data = mod.compute(trace, params[mod.NAME])
             if hasattr(mod, "metrics"):
                 metrics.update(mod.metrics(data))
         with timer("figures"):
             figs = mod.figures(data, params[mod.NAME])
-        for k, f in enumerate(figs, 1):
-            fig_no += 1
-            f.number, f.stem = fig_no, f"{n:02d}-{mod.NAME}-{k}"
         sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
                          "figures": figs})
+    from .probes import TRACE_ARRAYS
+
+    meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
+    ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
+    return write_report(job, opts, meta, ctx, trace, sections, timer, worker)
+
+
+def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sections: list, timer: Timer, worker=None,
+                 sae_dir: Path | None = None) -> Path:
+    """Figures, data, HTML and PDF into a temporary folder, swapped in for `job.final` when all is written."""
+    import shutil
 
     from .figures import display_size, is_canvas, save
-    from .probes import TRACE_ARRAYS
     from .render import inline_images, render, source_date
     from .site import REPORT_META, staged_report
 
+    final, key = job.final, job.key
+    fig_no = 0
+    for n, s in enumerate(sections, 1):
+        for k, f in enumerate(s["figures"], 1):
+            fig_no += 1
+            f.number, f.stem = fig_no, f"{n:02d}-{s['name']}-{k}"
     figs = [f for s in sections for f in s["figures"]]
     with staged_report(final) as tmp:
         (tmp / "figures").mkdir()
@@ -319,9 +383,12 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
                     worker.draw_png(f.drawing, tmp / f.files["png"])
                 else:
                     save(f, tmp / "figures" / f.stem, ("png",))
-        meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
+        meta["files"] = report_files(opts, sections) + (
+            sorted(f"sae/{p.name}" for p in sae_dir.iterdir() if p.is_file()) if sae_dir else [])
         meta["cache_key"] = key
-        ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
+        if sae_dir is not None:
+            shutil.copytree(sae_dir, tmp / "sae")
+            shutil.rmtree(sae_dir, ignore_errors=True)
         if worker is not None:
             with timer("html"):  # queued behind the chart PNGs; the worker inlines the PNGs, then lays out
                 png = {f.stem: f.files["png"] for f in figs}
@@ -333,7 +400,8 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
         with timer("analyses"):
             trace.save(tmp / "data" / "trace.npz")
             for s in sections:
-                (tmp / "data" / f"{s['name']}.json").write_text(json.dumps(s["data"], indent=1) + "\n")
+                (tmp / "data" / f"{s['name']}.json").write_text(json.dumps(s["data"], indent=1, allow_nan=False,
+                                                                           default=_json_default) + "\n")
             (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with timer("html"):
             if "html" in opts.formats:
@@ -349,7 +417,8 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
     return final
 
 
-def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOptions, params: dict) -> str:
+def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOptions, params: dict,
+              files: list[Path] | None = None) -> str:
     """Digest of everything a report depends on: checkpoint and config bytes, the dataset split's files,
     the options and analysis parameters that change its content, and the reportgen version."""
     import dataclasses
@@ -359,13 +428,17 @@ def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOpt
     h.update(sha.encode())
     if config_path is not None:
         h.update(config_path.read_bytes())
-    split_dir = data_dir / opts.split
-    for f in sorted(split_dir.glob("*")) if split_dir.is_dir() else []:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    if files is None:
+        split_dir = data_dir / opts.split
+        files = [f for f in sorted(split_dir.glob("*")) if f.is_file()] if split_dir.is_dir() else []
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     fields = {k: getattr(opts, k) for k in ("split", "samples", "select", "seed", "device", "dtype", "only", "formats",
                                              "figure_formats", "self_contained")}
+    from .lmreport import LM_OPTION_FIELDS
+
+    fields.update({k: getattr(opts, k) for k in LM_OPTION_FIELDS})
     fields["params"] = {name: dataclasses.asdict(p) for name, p in sorted(params.items())}
     fields["version"] = __version__
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
@@ -383,10 +456,16 @@ def up_to_date(final: Path, key: str) -> bool:
     return meta.get("cache_key") == key and all((final / f).is_file() for f in meta.get("files", []))
 
 
-def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:
-    import torch
+def _json_default(o):
+    import numpy as np
 
-    cfg = subject.config
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def report_files(opts: BuildOptions, sections: list) -> list[str]:
+    """Every file a report folder holds (its figure files must be assigned first)."""
     files = ["data/trace.npz"] + [f"data/{s['name']}.json" for s in sections]
     files += [p for s in sections for f in s["figures"] for p in f.files.values()]
     if "html" in opts.formats:
@@ -395,6 +474,13 @@ def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metric
         files.append("report.pdf")
     if opts.self_contained:
         files.append("report.html")
+    return sorted(files)
+
+
+def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:
+    import torch
+
+    cfg = subject.config
     return {
         "run": ref.run,
         "name": ref.name,
@@ -410,7 +496,6 @@ def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metric
                     "act_steps": cfg.halt_max_steps},
         "analyses": [s["name"] for s in sections],
         "metrics": metrics,
-        "files": sorted(files),
         "versions": {"reportgen": __version__, "torch": torch.__version__.split("+")[0]},
     }
 

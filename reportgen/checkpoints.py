@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import ReportgenError
 
-STEP_RE = re.compile(r"^step_(\d+)$")
+STEP_RE = re.compile(r"^step_(\d+)(\.(pt|pth|ckpt|bin))?$")
+LM_MARKERS = (b"model_state_dict", b"HookedTransformer")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 TRM_PREFIXES = ("_orig_mod.", "model.", "inner.")
 # all_config.yaml `arch` fields that TRMConfig takes; the rest are training-only or descriptive
@@ -49,7 +50,24 @@ class CheckpointRef:
 def _ref(path: Path) -> CheckpointRef:
     m = STEP_RE.match(path.name)
     step = int(m.group(1)) if m else None
-    return CheckpointRef(path=path, run=safe_name(path.parent.resolve().name), name=safe_name(path.stem if not m else path.name), step=step)
+    name = f"step_{step}" if m else path.stem
+    return CheckpointRef(path=path, run=safe_name(path.parent.resolve().name), name=safe_name(name), step=step)
+
+
+def sniff_kind(path: Path) -> str:
+    """'lm' or 'trm' from the checkpoint's pickle stream (read without torch, so cached reports are
+    skipped before any heavy import). Anything unrecognised goes the TRM way, whose loader reports it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            head = z.read(pkl) if pkl else b""
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return "trm"
+    if any(m in head for m in LM_MARKERS) or (b"state_dict" in head and b"cfg" in head and b"W_E" in head):
+        return "lm"
+    return "trm"
 
 
 def discover(specs: list[str]) -> list[CheckpointRef]:
@@ -61,8 +79,10 @@ def discover(specs: list[str]) -> list[CheckpointRef]:
         p = Path(spec)
         if p.is_dir():
             steps = [q for q in p.iterdir() if q.is_file() and STEP_RE.match(q.name)]
+            if not steps:  # a folder of named checkpoints (best_model.pt, last_model.pt)
+                steps = [q for q in p.iterdir() if q.is_file() and q.suffix in (".pt", ".pth", ".ckpt")]
             if not steps:
-                raise ReportgenError(f"{p}: folder holds no step_N checkpoint files")
+                raise ReportgenError(f"{p}: folder holds no step_N or *.pt checkpoint files")
             paths = steps
         elif p.is_file():
             paths = [p]

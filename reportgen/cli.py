@@ -28,8 +28,9 @@ def main():
 
 @main.command()
 @click.option("--ckpt", "ckpts", multiple=True, required=True, metavar="PATH",
-              help="A step_N checkpoint file, a run folder (every step_N in it) or a glob. Repeatable.")
-@click.option("--data", metavar="DIR", help="Dataset folder in the upstream layout. "
+              help="A checkpoint file (TRM step_N, or a language model .pt), a run folder (every step_N in it) or a glob. Repeatable.")
+@click.option("--data", metavar="PATH", help="TRM: dataset folder in the upstream layout. Language models: a UTF-8 "
+              "text file, a .npy/.pt token array [n_seq, ctx] or a datasets folder (save_to_disk). "
               "[default: all_config.yaml's data_paths, resolved against the working directory]")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
               help="Dataset split to draw puzzles from.")
@@ -42,7 +43,8 @@ def main():
 @click.option("--dtype", type=click.Choice(["float32", "config"]), default="float32", show_default=True,
               help="Compute dtype: float32, or the checkpoint's forward_dtype (config; bfloat16 upstream).")
 @click.option("--only", callback=_split_list, metavar="A,B",
-              help="Analyses to run (default: all that apply): sudoku_latents, step_evolution, solving_stats.")
+              help="Analyses to run (default: all that apply). TRM: sudoku_latents, step_evolution, solving_stats; "
+              "language models: attention, predictions, gradient_flow, token_map, sae_features.")
 @click.option("--format", "formats", callback=_split_list, default="html,pdf", show_default=True, metavar="html,pdf",
               help="Outputs per report.")
 @click.option("--figure-formats", "figure_formats", callback=_split_list, default="svg,png", show_default=True,
@@ -59,12 +61,29 @@ def main():
               help="Analysis parameter, e.g. sudoku_latents.method=cosine. Repeatable; wins over --config.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="CPU threads for torch (0: torch's default). 1 is fastest for small models on a busy machine.")
+@click.option("--vocab", metavar="FILE|bytes", help="Language models: token strings (JSON id -> string), or 'bytes' "
+              "for byte-level ids. [default: vocab.json beside the checkpoint, else #id]")
+@click.option("--seq-len", "seq_len", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Language models: tokens per evaluation sequence (0: min(128, model context)).")
+@click.option("--max-seqs", "max_seqs", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Language models: evaluation sequences read from --data.")
+@click.option("--mask-rate", "mask_rate", type=float, default=0.15, show_default=True,
+              help="Masked (restoration) models: share of positions replaced by the mask token (seeded by --seed).")
+@click.option("--sae", metavar="DIR", help="An SAE in SAELens' on-disk layout (cfg.json + sae_weights.safetensors).")
+@click.option("--train-sae", "train_sae", type=int, metavar="LAYER",
+              help="Train an SAE with SAELens on blocks.LAYER.hook_resid_post of the evaluation data; saved in the report's sae/.")
+@click.option("--sae-arch", "sae_arch", type=click.Choice(["topk", "standard"]), default="topk", show_default=True,
+              help="--train-sae architecture: TopK (k=16) or standard (L1).")
+@click.option("--sae-tokens", "sae_tokens", type=click.IntRange(min=1000), default=200_000, show_default=True,
+              help="--train-sae training tokens.")
+@click.option("--trust-checkpoint", "trust_checkpoint", is_flag=True,
+              help="Allow unpickling a whole pickled model (runs code from the file; only for files you trust).")
 @click.option("--timings", is_flag=True, help="Print the time spent per phase as JSON on stderr at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, figure_formats, self_contained, jobs, no_index, force, out,
-          config, params, threads,
-          timings, quiet, debug):
+          config, params, threads, vocab, seq_len, max_seqs, mask_rate, sae, train_sae, sae_arch, sae_tokens,
+          trust_checkpoint, timings, quiet, debug):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
     from .errors import ReportgenError
 
@@ -74,7 +93,9 @@ def build(ckpts, data, split, samples, select, seed, device, dtype, only, format
         timer = Timer()
         run_build(BuildOptions(ckpts=list(ckpts), out=out, data=data, split=split, samples=samples, select=select,
                                seed=seed, device=device, dtype=dtype, only=only, formats=formats or [], figure_formats=figure_formats or [], self_contained=self_contained, jobs=jobs, write_index=not no_index, force=force,
-                               config=config, params=list(params), threads=threads, quiet=quiet), timer)
+                               config=config, params=list(params), threads=threads, quiet=quiet, vocab=vocab,
+                               seq_len=seq_len, max_seqs=max_seqs, mask_rate=mask_rate, sae=sae, train_sae=train_sae,
+                               sae_arch=sae_arch, sae_tokens=sae_tokens, trust_checkpoint=trust_checkpoint), timer)
         if timings:
             import json
 

@@ -128,7 +128,7 @@ class Canvas:
         for it in self.items:
             if it[0] == "rect":
                 _, x, y, w, h, fill, stroke, sw = it
-                box = [x * s, y * s, (x + w) * s - 1, (y + h) * s - 1]
+                box = [x * s, y * s, max(x * s, (x + w) * s - 1), max(y * s, (y + h) * s - 1)]
                 d.rectangle(box, fill=_rgb(fill) if fill else None, outline=_rgb(stroke) if stroke else None,
                             width=max(1, round(sw * s)) if stroke else 0)
             elif it[0] == "line":

@@ -114,3 +114,43 @@ def run_act(model: TRM, inputs: np.ndarray, pids: np.ndarray):
             z_H, z_L, logits, qh, qc = model.act_step(z_H, z_L, x)
             out.append((logits.clone(), qh.clone(), qc.clone()))
     return out, z_H, z_L
+
+
+# ---------------------------------------------------------------- language models (seed 004 format)
+
+from reportgen.models.restoration import RestorationConfig, RestorationModel  # noqa: E402
+
+TINY_LM = dict(vocab_size=258, max_position=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0, rotary_base=10000)
+EVAL_TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"
+             "        self.y = y\n\n# the quick brown fox jumps over the lazy dog\n") * 12
+
+
+def make_lm(seed: int = 0, **cfg) -> RestorationModel:
+    torch.manual_seed(seed)
+    m = RestorationModel(RestorationConfig.from_dict({**TINY_LM, **cfg}))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m.eval()
+
+
+def save_restoration(model: RestorationModel, path: Path, vocab: bool = True, config: dict | None = None) -> Path:
+    """Save as the seed's training code does: {"model_state_dict", "config", "vocab_size"} (+ vocab.json beside)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = config if config is not None else {k: v for k, v in model.cfg.to_dict().items() if k in TINY_LM or k == "causal" and v}
+    torch.save({"model_state_dict": model.state_dict(), "config": cfg, "vocab_size": model.cfg.vocab_size}, path)
+    if vocab:
+        voc = {str(i): chr(i) for i in range(256)} | {"256": "[PAD]", "257": "[MASK]"}
+        (path.parent / "vocab.json").write_text(json.dumps(voc))
+    return path
+
+
+@pytest.fixture
+def lm_run(tmp_path) -> tuple[Path, Path]:
+    """(run folder with two tiny restoration checkpoints step_10.pt, step_20.pt, evaluation text file)."""
+    run = tmp_path / "lm run"
+    save_restoration(make_lm(0), run / "step_10.pt")
+    save_restoration(make_lm(1), run / "step_20.pt")
+    text = tmp_path / "eval.txt"
+    text.write_text(EVAL_TEXT)
+    return run, text

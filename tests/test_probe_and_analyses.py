@@ -156,6 +156,10 @@ def test_figures_show_the_exported_data():
 
 
 def test_registry_lists_every_analysis_with_its_contract():
-    assert list(analyses.REGISTRY) == ["sudoku_latents", "step_evolution", "solving_stats"]
-    for m in analyses.for_subject("trm"):
+    assert [m.NAME for m in analyses.for_subject("trm")] == ["sudoku_latents", "step_evolution", "solving_stats"]
+    assert [m.NAME for m in analyses.for_subject("lm")] == ["predictions", "attention", "gradient_flow", "token_map",
+                                                            "sae_features"]
+    for m in analyses.REGISTRY.values():
         assert callable(m.compute) and callable(m.figures) and m.Params()
+    for m in analyses.for_subject("lm"):
+        assert isinstance(m.needs(m.Params()), dict)  # what the one activation pass must compute

@@ -1,0 +1,122 @@
+"""Language-model benchmark (1 thread): the SAE feature report against the cost of running the model once.
+
+Prints, on the example restoration model and its SAE over 256 x 128 evaluation tokens:
+  floor   one forward pass with the SAE encoding the hooked activations (nothing can be faster);
+  data    the probe pass that sae_features needs + its statistics for 32 features, as a multiple of the floor
+          (target <= 1.05x);
+  full    data + figures (SVG and PNG written) + the section's HTML, as a multiple of the floor (target <= 1.1x);
+  token map  a 50x50 grid: its forward passes, and the time beyond them (compute + figure + files; target <= 0.5 s).
+Medians of --repeat runs, alternated so that drift on a shared machine hits both sides alike.
+
+    python benchmarks/bench_lm.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples" / "restoration"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", default=str(EX / "checkpoints/restoration_bytes/step_800.pt"))
+    ap.add_argument("--sae", default=str(EX / "sae/blocks.2.hook_resid_post"))
+    ap.add_argument("--data", default=str(EX / "data/eval.txt"))
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    import analyses.sae_features as SF
+    import analyses.token_map as TM
+    from reportgen.figures import save
+    from reportgen.lm import LMSubject, load_model, load_tokens, load_vocab, mask_tokens, read_checkpoint, sniff
+    from reportgen.lmprobe import probe_lm, token_map
+    from reportgen.render import environment
+    from reportgen.sae import load_sae
+
+    ckpt = Path(args.ckpt)
+    obj = read_checkpoint(ckpt)
+    model, causal, rows, _ = load_model(ckpt, obj, sniff(obj), "cpu")
+    vocab, src, byte_level = load_vocab(None, ckpt, model.cfg.d_vocab)
+    tokens = load_tokens(Path(args.data), vocab, byte_level, model.cfg.d_vocab, 128, 256)
+    inputs, scored = mask_tokens(tokens, 0.15, 257, 0, protect=(256,))
+    sae, info = load_sae(Path(args.sae), model, "cpu")
+    hook = info["hook"]
+    subject = LMSubject(ref=None, model=model, format="restoration", causal=causal, config_rows=rows, vocab=vocab,
+                        vocab_source=src, byte_level=byte_level, mask_id=257, pad_id=256)
+    params = SF.Params(n_features=32)
+    print(f"model {ckpt.name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; SAE {info['architecture']} "
+          f"{info['d_in']}->{info['d_sae']} at {hook}; tokens {tokens.shape[0]}x{tokens.shape[1]}; 1 thread")
+
+    def floor():
+        def enc(x, hook):
+            sae.encode(x.reshape(-1, x.shape[-1]))
+
+        with torch.inference_mode():
+            for lo in range(0, len(inputs), 32):
+                model.run_with_hooks(torch.as_tensor(inputs[lo:lo + 32]), fwd_hooks=[(hook, enc)])
+
+    def data():
+        tr = probe_lm(subject, tokens, inputs, scored, SF.needs(params), "cpu", sae=sae)
+        return tr, SF.compute(tr, params)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-lm-"))
+
+    def full():
+        tr, d = data()
+        figs = SF.figures(d, params)
+        src_map = {}
+        for i, f in enumerate(figs):
+            f.number, f.stem = i + 1, f"01-sae_features-{i + 1}"
+            f.files = {"svg": f"figures/{f.stem}.svg", "png": f"figures/{f.stem}.png"}
+            f.width, f.height = int(f.drawing.width), int(f.drawing.height)
+            save(f, tmp / f.stem, ("svg", "png"))
+            src_map[f.stem] = f.files["svg"]
+        html = environment().get_template("partials/sae_features.html").render(
+            s={"data": d, "figures": figs}, src=src_map, links=True)
+        (tmp / "section.html").write_text(html)
+        return len(html)
+
+    floor(), data(), full()  # warm up (first calls allocate and import)
+    t = {"floor": [], "data": [], "full": []}
+    for _ in range(args.repeat):
+        for name, fn in (("floor", floor), ("data", data), ("full", full)):
+            t0 = time.perf_counter()
+            fn()
+            t[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    print(f"floor (forward + SAE encode, 256x128 tokens): {med['floor']:.3f} s")
+    print(f"sae_features data, 32 features:               {med['data']:.3f} s = {med['data'] / med['floor']:.3f}x floor (target <= 1.05)")
+    print(f"sae_features data + figures + HTML:           {med['full']:.3f} s = {med['full'] / med['floor']:.3f}x floor (target <= 1.10)")
+
+    tp = TM.Params(grid_size=50)
+    spec = {**TM.needs(tp)["token_map"], "layer": model.cfg.n_layers - 1}
+    fwd, rest = [], []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        tm = token_map(model, spec, "cpu")
+        t1 = time.perf_counter()
+        trace = type("T", (), {"token_map": tm, "vocab": vocab, "n_layers": model.cfg.n_layers})()
+        d = TM.compute(trace, tp)
+        (fig,) = TM.figures(d, tp)
+        save(fig, tmp / "tm", ("svg", "png"))
+        rest.append(time.perf_counter() - t1)
+        fwd.append(t1 - t0)
+    print(f"token map 50x50: forward passes {statistics.median(fwd):.3f} s; beyond them (compute + figure + SVG/PNG) "
+          f"{statistics.median(rest):.3f} s (target <= 0.5)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Language-model reports: load → tokens → (SAE) → one probe pass → analyses; meta and page context.
+
+The build (build.py) calls `prepare_lm` for a checkpoint that `sniff_kind` calls "lm", then writes
+the files exactly as for a TRM report.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ReportgenError
+
+LM_OPTION_FIELDS = ("vocab", "seq_len", "max_seqs", "mask_rate", "sae", "train_sae", "sae_arch", "sae_tokens",
+                    "samples", "seed", "trust_checkpoint")
+
+
+def input_files(job, opts) -> list[Path]:
+    """Files besides the checkpoint whose bytes a LM report depends on (for the cache key)."""
+    files = []
+    data = Path(opts.data)
+    files += sorted(q for q in data.rglob("*") if q.is_file()) if data.is_dir() else [data]
+    vocab = Path(opts.vocab) if opts.vocab and opts.vocab != "bytes" else job.ref.path.parent / "vocab.json"
+    if vocab.is_file():
+        files.append(vocab)
+    if opts.sae:
+        files += sorted(q for q in Path(opts.sae).glob("*") if q.is_file())
+    return files
+
+
+def resolve_layer(layer: int, n_layers: int, what: str) -> int:
+    r = n_layers - 1 if layer == -1 else layer
+    if not 0 <= r <= n_layers:
+        raise ReportgenError(f"{what}: layer {layer} is out of range (the model has layers 0..{n_layers - 1}; "
+                             f"{n_layers} means the final norm and unembedding only, -1 the last block)")
+    return r
+
+
+def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) -> dict:
+    import numpy as np
+
+    import analyses
+
+    from .lm import LMSubject, PAD_NAMES, MASK_NAMES, load_model, load_tokens, load_vocab, mask_tokens, read_checkpoint, sniff, special_id
+    from .lmprobe import check_token_map_memory, merge_needs, probe_lm
+
+    ref = job.ref
+    with timer("load"):
+        obj = read_checkpoint(ref.path, opts.trust_checkpoint)
+        fmt = sniff(obj)
+        if fmt is None:
+            raise ReportgenError(f"{ref.path}: not a language-model checkpoint reportgen knows (expected "
+                                 f"{{model_state_dict, config, vocab_size}} or {{cfg, state_dict}})")
+        model, causal, rows, declared = load_model(ref.path, obj, fmt, device)
+        cfg = model.cfg
+        vocab, vocab_src, byte_level = load_vocab(opts.vocab, ref.path, cfg.d_vocab)
+        mask_id = special_id(vocab, MASK_NAMES, declared["mask"], cfg.d_vocab)
+        pad_id = special_id(vocab, PAD_NAMES, declared["pad"], cfg.d_vocab)
+        subject = LMSubject(ref=ref, model=model, format=fmt, causal=causal, config_rows=rows, vocab=vocab,
+                            vocab_source=vocab_src, byte_level=byte_level, mask_id=mask_id, pad_id=pad_id)
+        seq_len = opts.seq_len or min(128, cfg.n_ctx)
+        if seq_len > cfg.n_ctx:
+            raise ReportgenError(f"--seq-len {seq_len} is longer than the model's context ({cfg.n_ctx})")
+        tokens = load_tokens(Path(opts.data), vocab, byte_level, cfg.d_vocab, seq_len, opts.max_seqs)
+        if causal:
+            inputs, scored = tokens, np.ones(tokens.shape, dtype=bool)
+            scored[:, -1] = False
+        else:
+            if mask_id is None:
+                raise ReportgenError(f"{ref.path}: a bidirectional (masked) model needs a mask token: none in the "
+                                     f"config (mask_token_id) or the vocabulary ({'/'.join(MASK_NAMES)}) from {vocab_src}")
+            inputs, scored = mask_tokens(tokens, opts.mask_rate, mask_id, opts.seed,
+                                         protect=tuple(i for i in (pad_id,) if i is not None))
+            if not scored.any():
+                raise ReportgenError(f"--mask-rate {opts.mask_rate}: no position was masked in {tokens.size} tokens")
+    selected = [m for m in analyses.for_subject("lm") if not opts.only or m.NAME in opts.only]
+    sae, sae_info = None, None
+    want_sae = any(m.NAME == "sae_features" for m in selected) and (opts.sae or opts.train_sae is not None)
+    if not (opts.sae or opts.train_sae is not None):
+        if opts.only and "sae_features" in opts.only:
+            raise ReportgenError("--only sae_features needs an SAE: pass --sae DIR or --train-sae LAYER")
+        selected = [m for m in selected if m.NAME != "sae_features"]
+    sae_dir = None
+    if want_sae:
+        from .sae import load_sae, train_sae
+
+        if opts.sae:
+            with timer("load"):
+                sae, sae_info = load_sae(Path(opts.sae), model, device)
+        else:
+            import tempfile
+
+            sae_dir = Path(tempfile.mkdtemp(prefix="reportgen-sae-"))
+            log(f"  training an SAE ({opts.sae_arch}) on blocks.{opts.train_sae}.hook_resid_post with SAELens, "
+                f"{opts.sae_tokens:,} tokens")
+            with timer("train_sae"):
+                sae, sae_info = train_sae(model, inputs, opts.train_sae, sae_dir, device, arch=opts.sae_arch,
+                                          training_tokens=opts.sae_tokens, seed=opts.seed, label=ref.run)
+            sae_info["folder"] = "sae/"
+    needs = merge_needs([m.needs(params[m.NAME]) for m in selected])
+    if "token_map" in needs:
+        tm = dict(needs["token_map"])
+        tm["layer"] = resolve_layer(int(tm["layer"]), cfg.n_layers, "token_map")
+        check_token_map_memory(tm, cfg.d_model, cfg.d_vocab)
+        needs["token_map"] = tm
+    log(f"  probing {tokens.shape[0]} sequences × {tokens.shape[1]} tokens on {device}"
+        + (f" with the SAE at {sae_info['hook']}" if sae_info else ""))
+    with timer("probe"):
+        trace = probe_lm(subject, tokens, inputs, scored, needs, device, samples=max(opts.samples, 1), sae=sae,
+                         progress=progress)
+    sections, metrics = [], {}
+    for n, mod in enumerate(selected, 1):
+        with timer("analyses"):
+            try:
+                data = mod.compute(trace, params[mod.NAME])
+            except ValueError as e:
+                raise ReportgenError(f"{mod.NAME}: {e}") from None
+            if hasattr(mod, "metrics"):
+                metrics.update(mod.metrics(data))
+        with timer("figures"):
+            figs = mod.figures(data, params[mod.NAME])
+        sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
+                         "figures": figs, "module": mod})
+    return {"subject": subject, "trace": trace, "sections": sections, "metrics": metrics, "sae_info": sae_info,
+            "sae_dir": sae_dir, "tokens": tokens}
+
+
+def lm_meta(job, opts, prepared: dict, device: str) -> dict:
+    import torch
+
+    s = prepared["subject"]
+    tr = prepared["trace"]
+    ref = job.ref
+    meta = {
+        "run": ref.run, "name": ref.name, "step": ref.step, "path": f"{ref.run}/{ref.name}/", "kind": "lm",
+        "checkpoint": {"path": str(ref.path), "sha256": job.sha, "bytes": ref.path.stat().st_size, "format": s.format,
+                       "config": None},
+        "dataset": {"path": str(opts.data), "found_by": "--data", "sequences": int(tr.tokens.shape[0]),
+                    "seq_len": int(tr.tokens.shape[1]), "task": "next-token" if s.causal else "masked",
+                    "mask_rate": None if s.causal else opts.mask_rate, "seed": opts.seed},
+        "model": {"layers": s.cfg.n_layers, "d_model": s.cfg.d_model, "heads": s.cfg.n_heads, "d_vocab": s.cfg.d_vocab,
+                  "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
+                  "mask_id": s.mask_id},
+        "sae": prepared["sae_info"],
+        "compute": {"device": device, "dtype": "float32"},
+        "analyses": [x["name"] for x in prepared["sections"]],
+        "metrics": {**{"loss": tr.metrics["loss"]}, **prepared["metrics"]},
+        "versions": {"reportgen": __import__("reportgen").__version__, "torch": torch.__version__.split("+")[0],
+                     "transformer_lens": _version("transformer-lens"),
+                     **({"sae_lens": _version("sae-lens")} if prepared["sae_info"] else {})},
+    }
+    return meta
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def lm_context(meta: dict, prepared: dict) -> dict:
+    from .lmprobe import TRACE_ARRAYS
+
+    s, tr = prepared["subject"], prepared["trace"]
+    step = meta["step"]
+    title = f"{meta['run']} · step {step}" if step is not None else f"{meta['run']} · {meta['name']}"
+    key = f"reportgen:{meta['run']}:{meta['name']}".replace(" ", "_")
+    bib = (f"@misc{{{key},\n  title        = {{{{Language-model report: {meta['run']}, {meta['name']}}}}},\n"
+           f"  howpublished = {{reportgen {meta['versions']['reportgen']}}},\n"
+           f"  note         = {{Checkpoint {Path(meta['checkpoint']['path']).name}, sha256 {meta['checkpoint']['sha256']}; "
+           f"{meta['dataset']['sequences']} sequences of {meta['dataset']['seq_len']} tokens from "
+           f"{Path(meta['dataset']['path']).name}}}\n}}")
+    shapes = {"tokens": tr.tokens.shape, "inputs": tr.inputs.shape, "scored": tr.scored.shape, "targets": tr.targets.shape,
+              **{k: v.shape for k, v in tr.arrays.items()}}
+    return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": s.notes,
+            "sections": prepared["sections"], "bibtex": bib, "site_root": "../../",
+            "trace_arrays": [(k, list(shapes[k]), d) for k, d in TRACE_ARRAYS.items() if k in shapes]}

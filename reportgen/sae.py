@@ -1,0 +1,116 @@
+"""Sparse autoencoders through SAELens: load one from its on-disk layout, or train one offline.
+
+SAELens is imported only here (it takes seconds to import). The hook point comes from the SAE's
+own config (`metadata.hook_name`); its d_in must match that hook's activations in the model.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from .errors import ReportgenError
+
+SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+def _quiet():
+    import logging
+
+    warnings.filterwarnings("ignore", module="sae_lens")
+    logging.getLogger("sae_lens").setLevel(logging.ERROR)
+
+
+def hook_width(model, hook: str) -> int:
+    """Last dimension of the activation at `hook` (from a two-token forward)."""
+    import torch
+
+    seen = {}
+
+    def grab(x, hook):
+        seen["shape"] = tuple(x.shape)
+
+    with torch.inference_mode():
+        model.run_with_hooks(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device), fwd_hooks=[(hook, grab)],
+                             return_type=None)
+    return seen["shape"][-1] if len(seen["shape"]) == 3 else seen["shape"][-2] * seen["shape"][-1]
+
+
+def describe(sae, folder: str, how: str) -> dict:
+    c = sae.cfg
+    meta = c.metadata
+    return {"folder": folder, "how": how, "architecture": c.architecture(), "hook": meta.hook_name, "d_in": int(c.d_in),
+            "d_sae": int(c.d_sae), "k": getattr(c, "k", None), "trained_on": getattr(meta, "model_name", None),
+            "context_size": getattr(meta, "context_size", None)}
+
+
+def load_sae(folder: Path, model, device: str):
+    """(SAE, description) from SAELens' layout; one clear error for a missing or mismatched SAE."""
+    if not folder.is_dir():
+        raise ReportgenError(f"{folder}: SAE folder not found (--sae)")
+    missing = [f for f in SAE_FILES if not (folder / f).is_file()]
+    if missing:
+        raise ReportgenError(f"{folder}: not an SAELens SAE folder (missing {', '.join(missing)})")
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+    except ValueError as e:
+        raise ReportgenError(f"{folder / 'cfg.json'}: not valid JSON ({e})") from None
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    if not hook:
+        raise ReportgenError(f"{folder / 'cfg.json'}: no metadata.hook_name: the SAE does not say where it reads the model")
+    if hook not in model.hook_dict:
+        raise ReportgenError(f"{folder / 'cfg.json'}: hook point {hook} does not exist in this model "
+                             f"({model.cfg.n_layers} layers)")
+    width = hook_width(model, hook)
+    if int(cfg.get("d_in", -1)) != width:
+        raise ReportgenError(f"{folder / 'cfg.json'}: SAE d_in {cfg.get('d_in')} does not match {hook}, "
+                             f"whose activations have {width} dimensions")
+    _quiet()
+    from sae_lens import SAE
+
+    try:
+        sae = SAE.load_from_disk(str(folder), device=device)
+    except Exception as e:  # noqa: BLE001 - a corrupt SAE is the user's input
+        raise ReportgenError(f"{folder}: SAELens could not load the SAE ({str(e).splitlines()[0][:140]})") from None
+    sae.eval()
+    return sae, describe(sae, str(folder), "--sae")
+
+
+def train_sae(model, tokens, layer: int, out: Path, device: str, arch: str = "topk", training_tokens: int = 200_000,
+              expansion: int = 4, k: int = 16, l1: float = 5.0, seed: int = 0, label: str = "reportgen"):
+    """Train an SAE on `blocks.{layer}.hook_resid_post` with SAELens' own runner, offline, on `tokens`
+    [n_seq, ctx]; saved in SAELens' layout in `out`. Returns (SAE, description)."""
+    import torch
+
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ReportgenError(f"--train-sae {layer}: layer out of range (the model has layers 0..{model.cfg.n_layers - 1})")
+    _quiet()
+    import datasets
+    from sae_lens import (LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, SAE,
+                          StandardTrainingSAEConfig, TopKTrainingSAEConfig)
+
+    d_in, ctx = model.cfg.d_model, int(tokens.shape[1])
+    if arch == "topk":
+        sae_cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=expansion * d_in, k=k)
+    elif arch == "standard":
+        sae_cfg = StandardTrainingSAEConfig(d_in=d_in, d_sae=expansion * d_in, l1_coefficient=l1, l1_warm_up_steps=20)
+    else:
+        raise ReportgenError(f"--sae-arch must be topk or standard, not {arch!r}")
+    batch_tokens = min(4096, int(tokens.size))
+    store = max(1, min(32, len(tokens)))
+    cfg = LanguageModelSAERunnerConfig(
+        sae=sae_cfg, model_name=label, hook_name=f"blocks.{layer}.hook_resid_post", dataset_path="",
+        is_dataset_tokenized=True, streaming=False, context_size=ctx, prepend_bos=False,
+        training_tokens=training_tokens, train_batch_size_tokens=batch_tokens, store_batch_size_prompts=store,
+        n_batches_in_buffer=max(2, -(-2 * batch_tokens // ctx)), device=device, seed=seed,  # buffer >= batch
+        logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None, output_path=str(out), verbose=False,
+    )
+    ds = datasets.Dataset.from_dict({"tokens": [list(map(int, r)) for r in tokens]})
+    torch.manual_seed(seed)
+    try:
+        LanguageModelSAETrainingRunner(cfg, override_dataset=ds, override_model=model).run()
+    except Exception as e:  # noqa: BLE001
+        raise ReportgenError(f"--train-sae {layer}: SAELens training failed ({str(e).splitlines()[0][:160]})") from None
+    sae = SAE.load_from_disk(str(out), device=device)
+    sae.eval()
+    return sae, describe(sae, str(out), f"trained by reportgen with SAELens ({arch}, {training_tokens:,} tokens)")
