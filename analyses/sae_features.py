@@ -30,20 +30,21 @@ class Params:
     context: int = 8  # tokens on each side of the activating token
     bins: int = 24  # bins of each feature's activation histogram
     logits: int = 8  # top positive / negative logit tokens per feature
-    loss_seqs: int = 16  # sequences for the spliced-in and zero-ablated loss
+    loss_seqs: int = 8  # sequences for the spliced-in and zero-ablated loss (two extra passes from the hook on)
+    variance_seqs: int = 64  # sequences the explained variance is measured on (a dense decode costs an encode)
 
     def __post_init__(self):
         if self.rank_by not in RANKS:
             raise ValueError(f"rank_by must be one of {', '.join(RANKS)}")
         if self.n_features < 1 or self.examples < 1 or self.context < 0 or self.bins < 2 or self.logits < 1:
             raise ValueError("n_features, examples, logits must be >= 1, bins >= 2, context >= 0")
-        if self.loss_seqs < 0:
-            raise ValueError("loss_seqs must be >= 0")
+        if self.loss_seqs < 0 or self.variance_seqs < 1:
+            raise ValueError("loss_seqs must be >= 0 and variance_seqs >= 1")
         self.features = [int(f) for f in self.features]
 
 
 def needs(params: Params) -> dict:
-    return {"sae": {"loss_seqs": params.loss_seqs}}
+    return {"sae": {"loss_seqs": params.loss_seqs, "variance_seqs": params.variance_seqs}}
 
 
 def compute(trace, params: Params) -> dict:
@@ -51,7 +52,8 @@ def compute(trace, params: Params) -> dict:
     N, T = trace.inputs.shape
     n_tok, d = int(s["n_tokens"]), int(s["d_sae"])
     rows, cols, vals = s["rows"], s["cols"], s["vals"]
-    order = np.argsort(cols, kind="stable")  # rows stay ascending within each feature
+    key = cols.astype(np.uint16) if d <= 65536 else cols  # 16-bit keys: numpy's stable sort is a radix sort
+    order = np.argsort(key, kind="stable")  # rows stay ascending within each feature
     counts = np.bincount(cols, minlength=d)
     starts = np.concatenate([[0], np.cumsum(counts)])
     sv, sr = vals[order], rows[order]
@@ -107,6 +109,7 @@ def compute(trace, params: Params) -> dict:
     return {
         "hook": s["hook"], "d_in": s["d_in"], "d_sae": d, "tokens": n_tok,
         "l0": float(len(vals) / n_tok), "explained_variance": float(s["explained_variance"]),
+        "variance_tokens": int(s["variance_tokens"]),
         "losses": {k: float(v) for k, v in losses.items()}, "loss_sequences": int(s["loss_seqs"]), "ce_recovered": rec,
         "dead": int((~alive).sum()), "alive": int(alive.sum()),
         "density_histogram": {"counts": dh.astype(int).tolist(), "edges": [round(float(e), 3) for e in de]},

@@ -36,6 +36,11 @@ class BuildOptions:
     self_contained: bool = False  # also write report.html with everything inlined
     force: bool = False  # rebuild reports whose inputs have not changed
     jobs: int = 1  # checkpoints built in parallel processes
+    executor: str = "none"  # none | slurm | local: one submitit job per checkpoint (cluster.py)
+    slurm_partition: str | None = None
+    slurm_gpus: int = 0
+    slurm_time: int = 60  # minutes
+    slurm_cpus: int = 4
     write_index: bool = True  # write the site index (off in the child processes of --jobs)
     config: str | None = None
     params: list[str] = field(default_factory=list)
@@ -83,6 +88,8 @@ def _validate(opts: BuildOptions):
         raise ReportgenError("--seq-len must be >= 0 (0: automatic) and --max-seqs >= 1")
     if opts.sae and opts.train_sae is not None:
         raise ReportgenError("pass either --sae DIR or --train-sae LAYER, not both")
+    if opts.executor not in ("none", "slurm", "local"):
+        raise ReportgenError(f"--executor must be none, slurm or local, not {opts.executor!r}")
     if opts.sae_arch not in ("topk", "standard"):
         raise ReportgenError(f"--sae-arch must be topk or standard, not {opts.sae_arch!r}")
     if opts.sae and not Path(opts.sae).is_dir():
@@ -203,6 +210,8 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
                 folders.append(job.final)
             else:
                 todo.append((i, job))
+    if opts.executor != "none" and todo:
+        return _run_executor(opts, refs, todo, folders, out, timer)
     if opts.jobs > 1 and len(todo) > 1:
         return _run_parallel(opts, refs, todo, folders, out, timer)
     worker = None
@@ -294,6 +303,26 @@ def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
     return folders
 
 
+def _run_executor(opts: BuildOptions, refs, todo, folders: list[Path], out: Path, timer: Timer) -> list[Path]:
+    """--executor slurm|local: one submitit job per stale checkpoint; the site index once they all finish."""
+    from .cluster import run_jobs
+
+    with timer("jobs"):
+        errors = run_jobs(opts, todo)
+    done = [job.final for _, job in todo if up_to_date(job.final, job.key)]
+    folders += done
+    if folders and opts.write_index:
+        with timer("site"):
+            from .site import write_site
+
+            write_site(out, __version__, {job.ref.run for _, job in todo})
+    if errors:
+        raise ReportgenError(errors[0] + (f" (and {len(errors) - 1} more failed job(s))" if len(errors) > 1 else ""))
+    _log(opts, f"{len(done)} report(s) built by {opts.executor} jobs, {len(refs) - len(todo)} up to date; "
+               f"site index: {out / 'index.html'}")
+    return folders
+
+
 def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None) -> Path:
     """Gather a checkpoint's data (per kind), then write its report into a staged folder."""
     if job.kind == "lm":
@@ -314,7 +343,7 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
     from .datasets import read_split, select
     from .probes import probe_trm
 
-    ref, final, sha, key = job.ref, job.final, job.sha, job.key
+    ref, sha = job.ref, job.sha
     run_config, config_path, data_dir, data_how = job.run_config, job.config_path, job.data_dir, job.data_how
     with timer("load"):
         sd = strip_trm_prefixes(read_state_dict(ref.path))

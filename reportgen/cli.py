@@ -53,6 +53,16 @@ def main():
               help="Also write report.html with figures and styles inlined and no external reference (mail it, open a CI artifact in one click).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Build checkpoints in this many parallel processes.")
+@click.option("--executor", type=click.Choice(["none", "slurm", "local"]), default="none", show_default=True,
+              help="slurm: one SLURM job per checkpoint through submitit (local: the same jobs as local processes); "
+              "the site index is written when all finish.")
+@click.option("--slurm-partition", "slurm_partition", metavar="NAME", help="--executor slurm: partition.")
+@click.option("--slurm-gpus", "slurm_gpus", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--executor slurm: GPUs per job.")
+@click.option("--slurm-time", "slurm_time", type=click.IntRange(min=1), default=60, show_default=True,
+              help="--executor slurm: time limit per job in minutes.")
+@click.option("--slurm-cpus", "slurm_cpus", type=click.IntRange(min=1), default=4, show_default=True,
+              help="--executor slurm/local: CPUs per job (also its torch threads).")
 @click.option("--no-index", "no_index", is_flag=True, hidden=True)
 @click.option("--force", is_flag=True, help="Rebuild reports whose inputs have not changed (they are skipped otherwise).")
 @click.option("--out", default="site", show_default=True, metavar="DIR", help="Output (site) folder.")
@@ -83,7 +93,7 @@ def main():
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, figure_formats, self_contained, jobs, no_index, force, out,
           config, params, threads, vocab, seq_len, max_seqs, mask_rate, sae, train_sae, sae_arch, sae_tokens,
-          trust_checkpoint, timings, quiet, debug):
+          trust_checkpoint, executor, slurm_partition, slurm_gpus, slurm_time, slurm_cpus, timings, quiet, debug):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
     from .errors import ReportgenError
 
@@ -95,7 +105,9 @@ def build(ckpts, data, split, samples, select, seed, device, dtype, only, format
                                seed=seed, device=device, dtype=dtype, only=only, formats=formats or [], figure_formats=figure_formats or [], self_contained=self_contained, jobs=jobs, write_index=not no_index, force=force,
                                config=config, params=list(params), threads=threads, quiet=quiet, vocab=vocab,
                                seq_len=seq_len, max_seqs=max_seqs, mask_rate=mask_rate, sae=sae, train_sae=train_sae,
-                               sae_arch=sae_arch, sae_tokens=sae_tokens, trust_checkpoint=trust_checkpoint), timer)
+                               sae_arch=sae_arch, sae_tokens=sae_tokens, trust_checkpoint=trust_checkpoint,
+                               executor=executor, slurm_partition=slurm_partition, slurm_gpus=slurm_gpus,
+                               slurm_time=slurm_time, slurm_cpus=slurm_cpus), timer)
         if timings:
             import json
 

@@ -68,8 +68,6 @@ def layer_of(hook_name: str) -> int | None:
 
 def loss_terms(logits, targets, scored):
     """Sum of cross-entropy and of top-1 hits at the scored positions, and their count."""
-    import torch
-
     lp = logits[scored].float().log_softmax(-1)
     t = targets[scored]
     ce = -lp.gather(-1, t[:, None]).squeeze(-1)
@@ -99,11 +97,12 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
     pattern = torch.zeros(L, H, T, T)
     want_sae = sae is not None and "sae" in needs
     hook = sae.cfg.metadata.hook_name if want_sae else None
-    sae_rows, sae_cols, sae_vals, err_sq, tot = [], [], [], 0.0, torch.zeros(0)
-    loss_seqs = min(int(needs.get("sae", {}).get("loss_seqs", 32)), N) if want_sae else 0
+    sae_rows, sae_cols, sae_vals, err_sq = [], [], [], 0.0
+    loss_seqs = min(int(needs.get("sae", {}).get("loss_seqs", 8)), N) if want_sae else 0
     kept_acts = []  # hook activations of the first loss_seqs sequences, for the spliced-in loss
     x_sum = x_sq = None
     state = {"lo": 0}
+    var_seqs = min(int(needs.get("sae", {}).get("variance_seqs", 64)), N) if want_sae else 0
 
     def on_pattern(p, hook):  # [B,H,q,k]
         li = layer_of(hook.name)
@@ -122,18 +121,21 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
         nonlocal err_sq, x_sum, x_sq
         flat = x.reshape(-1, x.shape[-1]).float()
         f = sae.encode(flat)
-        recon = sae.decode(f)
-        err_sq += (recon - flat).pow(2).sum().item()
-        x_sum = flat.sum(0) if x_sum is None else x_sum + flat.sum(0)
-        x_sq = flat.pow(2).sum(0) if x_sq is None else x_sq + flat.pow(2).sum(0)
         nz = f.nonzero()
+        v = f[nz[:, 0], nz[:, 1]]
+        lo = state["lo"]
+        if lo < var_seqs:  # reconstruction error on the first var_seqs sequences (a dense decode costs an encode)
+            m = min(var_seqs - lo, x.shape[0]) * T
+            sub = flat[:m]
+            err_sq += (sae.decode(f[:m]) - sub).pow(2).sum().item()
+            x_sum = sub.sum(0) if x_sum is None else x_sum + sub.sum(0)
+            x_sq = sub.pow(2).sum(0) if x_sq is None else x_sq + sub.pow(2).sum(0)
         base = state["lo"] * T
         sae_rows.append((nz[:, 0] + base).cpu())
         sae_cols.append(nz[:, 1].cpu())
-        sae_vals.append(f[nz[:, 0], nz[:, 1]].float().cpu())
-        lo = state["lo"]
+        sae_vals.append(v.float().cpu())
         if lo < loss_seqs:
-            kept_acts.append(x[: loss_seqs - lo].detach())
+            kept_acts.append(x[: loss_seqs - lo].clone())
 
     hooks = []
     if att:
@@ -142,31 +144,43 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
         hooks.append((hook, on_sae))
     ce_sum = hits = count = 0
     clean = [0.0, 0]
-    top_ids, top_probs, seq_ce = [], [], []
+    top_ids, top_probs = [], []
+    # Logits over every sequence only when an analysis reads them; an SAE alone stops after its hook layer
+    # (the sequences of its clean / spliced loss still run whole).
+    full = bool(att) or "predictions" in needs or not want_sae or layer_of(hook) is None
+    stop = None if full else layer_of(hook) + 1
+    starts = list(range(0, N, batch_size))
+    if stop is not None and 0 < loss_seqs < batch_size:  # the loss sequences apart, as a batch of their own
+        starts = [0] + list(range(loss_seqs, N, batch_size))
+    ends = starts[1:] + [N]
     with torch.inference_mode():
-        for lo in range(0, N, batch_size):
+        for lo, hi in zip(starts, ends):
             state["lo"] = lo
-            x = torch.as_tensor(inputs[lo:lo + batch_size], device=device)
-            logits = model.run_with_hooks(x, fwd_hooks=hooks) if hooks else model(x)
-            tg = torch.as_tensor(targets[lo:lo + batch_size], device=device)
-            sc = torch.as_tensor(scored[lo:lo + batch_size], device=device)
-            c, h, n = loss_terms(logits, tg, sc)
-            ce_sum, hits, count = ce_sum + c, hits + h, count + n
-            if lo < loss_seqs:  # the clean loss of the sequences the SAE's loss is taken on
-                m = min(loss_seqs - lo, len(x))
-                c2, _, n2 = loss_terms(logits[:m], tg[:m], sc[:m])
-                clean[0] += c2
-                clean[1] += n2
-            if lo < S:
-                pr = logits[: S - lo].float().softmax(-1).topk(k, dim=-1)
-                top_ids.append(pr.indices.cpu())
-                top_probs.append(pr.values.cpu())
+            x = torch.as_tensor(inputs[lo:hi], device=device)
+            if stop is not None and lo >= loss_seqs:
+                model.run_with_hooks(x, fwd_hooks=hooks, stop_at_layer=stop)
+            else:
+                logits = model.run_with_hooks(x, fwd_hooks=hooks) if hooks else model(x)
+                tg = torch.as_tensor(targets[lo:hi], device=device)
+                sc = torch.as_tensor(scored[lo:hi], device=device)
+                c, h, n = loss_terms(logits, tg, sc)
+                ce_sum, hits, count = ce_sum + c, hits + h, count + n
+                if lo < loss_seqs:  # the clean loss of the sequences the SAE's loss is taken on
+                    m = min(loss_seqs - lo, len(x))
+                    c2, _, n2 = loss_terms(logits[:m], tg[:m], sc[:m])
+                    clean[0] += c2
+                    clean[1] += n2
+                if lo < S and full:
+                    pr = logits[: S - lo].float().softmax(-1).topk(k, dim=-1)
+                    top_ids.append(pr.indices.cpu())
+                    top_probs.append(pr.values.cpu())
             if progress:
-                progress(min(N, lo + batch_size), N)
+                progress(hi, N)
     trace.metrics = {"loss": ce_sum / max(count, 1), "accuracy": hits / max(count, 1), "n_scored": count,
-                     "n_seqs": N, "seq_len": T}
-    trace.arrays["top_ids"] = torch.cat(top_ids).numpy().astype(np.int32)
-    trace.arrays["top_probs"] = torch.cat(top_probs).numpy().astype(np.float32)
+                     "n_seqs": N, "seq_len": T} if full else {"n_seqs": N, "seq_len": T}
+    if full:
+        trace.arrays["top_ids"] = torch.cat(top_ids).numpy().astype(np.int32)
+        trace.arrays["top_probs"] = torch.cat(top_probs).numpy().astype(np.float32)
     if att:
         n = max(ent["n"], 1)
         mean = ent["sum"] / n
@@ -180,7 +194,7 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
         trace.token_map = token_map(model, needs["token_map"], device)
     if want_sae:
         trace.sae = sae_summary(model, sae, hook, N * T, torch.cat(sae_rows), torch.cat(sae_cols), torch.cat(sae_vals),
-                                err_sq, x_sum, x_sq, kept_acts, inputs[:loss_seqs], targets[:loss_seqs],
+                                err_sq, x_sum, x_sq, var_seqs * T, kept_acts, inputs[:loss_seqs], targets[:loss_seqs],
                                 scored[:loss_seqs], clean, device)
     return trace
 
@@ -250,13 +264,13 @@ def token_map(model, spec: dict, device: str) -> dict:
     return {"coords": coords, "ids": ids.reshape(G, G), "probs": probs.reshape(G, G), "spec": dict(spec)}
 
 
-def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, x_sum, x_sq, kept_acts,
+def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, x_sum, x_sq, var_tokens, kept_acts,
                 inputs, targets, scored, clean, device) -> dict:
     """Sparse codes over all tokens, reconstruction quality and the spliced-in / zero-ablated loss."""
     import torch
 
     d_sae = int(sae.cfg.d_sae)
-    var = (x_sq - x_sum ** 2 / n_tokens).sum().item()
+    var = (x_sq - x_sum ** 2 / var_tokens).sum().item()
     explained = 1.0 - err_sq / var if var > 0 else float("nan")
     losses = {}
     if len(inputs) and clean[1]:
@@ -283,7 +297,7 @@ def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, 
     pos, neg = effects.topk(kk, dim=1), (-effects).topk(kk, dim=1)
     return {"hook": hook, "d_sae": d_sae, "d_in": int(sae.cfg.d_in), "n_tokens": n_tokens,
             "rows": rows.numpy().astype(np.int64), "cols": cols.numpy().astype(np.int32),
-            "vals": vals.numpy().astype(np.float32), "explained_variance": explained, "losses": losses,
+            "vals": vals.numpy().astype(np.float32), "explained_variance": explained, "variance_tokens": int(var_tokens), "losses": losses,
             "loss_seqs": int(len(inputs)), "logit_pos_ids": pos.indices.numpy(), "logit_pos": pos.values.numpy(),
             "logit_neg_ids": neg.indices.numpy(), "logit_neg": -neg.values.numpy()}
 

@@ -142,7 +142,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
         "sae": prepared["sae_info"],
         "compute": {"device": device, "dtype": "float32"},
         "analyses": [x["name"] for x in prepared["sections"]],
-        "metrics": {**{"loss": tr.metrics["loss"]}, **prepared["metrics"]},
+        "metrics": {**({"loss": tr.metrics["loss"]} if "loss" in tr.metrics else {}), **prepared["metrics"]},
         "versions": {"reportgen": __import__("reportgen").__version__, "torch": torch.__version__.split("+")[0],
                      "transformer_lens": _version("transformer-lens"),
                      **({"sae_lens": _version("sae-lens")} if prepared["sae_info"] else {})},

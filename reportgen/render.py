@@ -28,6 +28,7 @@ def _num(v, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
+@lru_cache(maxsize=4096)
 def _tok(s: str) -> str:
     from .lm import show_token
 
@@ -37,11 +38,16 @@ def _tok(s: str) -> str:
 def _heat(a: float, peak: float) -> str:
     """Background colour of a token activating at `a` of a feature whose maximum is `peak` (CSS)."""
     t = 0.0 if not peak or a <= 0 else min(1.0, a / peak)
-    if t == 0:
+    return _heat_step(round(t * 64))
+
+
+@lru_cache(maxsize=65)
+def _heat_step(i: int) -> str:
+    if i == 0:
         return "transparent"
     from .figures import mix
 
-    return mix("#fff1e0", "#e16f24", t ** 0.7)
+    return mix("#fff1e0", "#e16f24", (i / 64) ** 0.7)
 
 
 def _runs(tokens: list, at: int) -> list:

@@ -71,6 +71,12 @@ METRIC_LABELS = {
     "mean_steps_to_first_correct": ("steps to solve", "num"),
     "halt_precision": ("halt precision", "pct"),
     "halt_recall": ("halt recall", "pct"),
+    "loss": ("loss (nats)", "num"),
+    "masked_accuracy": ("masked acc.", "pct"),
+    "next_token_accuracy": ("next-token acc.", "pct"),
+    "attention_entropy": ("attn. entropy", "num"),
+    "sae_l0": ("SAE L0", "num"),
+    "sae_explained_variance": ("SAE expl. var.", "pct"),
 }
 
 
@@ -101,6 +107,8 @@ def trend_figure(reports: list[dict]):
     if not pts:
         return None
     steps = [r["step"] for r in pts]
+    if not any("blank_accuracy" in r["metrics"] for r in pts):
+        return _lm_trend_figure(pts, steps)
     fig, ax = mpl_figure(1, 2, (6.6, 2.5))
     a, b = ax[0]
     colours = {"blank_accuracy": ACCENT, "exact_solve_rate": GOOD, "halt_precision": MUTED, "halt_recall": BAD}
@@ -179,3 +187,25 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None) ->
     write_atomic(out / "404.html", render("404.html", version=version))
     write_atomic(out / "summary.md", f"## reportgen: {len(reports)} report(s)\n\n" + summary_markdown(runs))
     (out / ".nojekyll").touch()
+
+
+def _lm_trend_figure(pts: list[dict], steps: list[int]):
+    """Language-model runs: accuracy and SAE explained variance (fractions); loss and attention entropy (nats)."""
+    from .figures import ACCENT, BAD, GOOD, MUTED, Figure, mpl_figure
+
+    fig, ax = mpl_figure(1, 2, (6.6, 2.5))
+    a, b = ax[0]
+    for side, keys in ((a, {"masked_accuracy": ACCENT, "next_token_accuracy": ACCENT, "sae_explained_variance": GOOD}),
+                       (b, {"loss": BAD, "attention_entropy": MUTED})):
+        for k, colour in keys.items():
+            ys = [r["metrics"].get(k) for r in pts]
+            if any(v is not None for v in ys):
+                side.plot(steps, [float("nan") if v is None else v for v in ys], marker="o", ms=3, color=colour,
+                          label=METRIC_LABELS[k][0])
+        if side.get_legend_handles_labels()[0]:
+            side.legend(loc="best")
+    a.set(xlabel="training step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy, SAE fit")
+    b.set(xlabel="training step", ylabel="nats", title="(b) loss and attention entropy")
+    return Figure("trend-metrics", "Headline metrics of each checkpoint's report against its training step, on the "
+                  "same evaluation tokens (loss at the scored positions; mean attention entropy over all heads).", fig,
+                  alt="Metrics across training steps")

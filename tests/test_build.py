@@ -346,6 +346,27 @@ def test_parallel_jobs_report_a_failing_checkpoint_in_one_line(good, tmp_path):
     assert [r["name"] for r in json.loads((out / "manifest.json").read_text())["reports"]] == ["step_5", "step_6"]
 
 
+def test_submitit_executor_builds_one_job_per_checkpoint(tiny_run, tmp_path):
+    """--executor local runs the same jobs the SLURM path submits (through submitit's LocalExecutor)."""
+    pytest.importorskip("submitit")
+    args = ["--ckpt", tiny_run["run"], "--data", tiny_run["data"], "--samples", 2, "--format", "html"]
+    assert build(*args, "--out", tmp_path / "one").exit_code == 0
+    r = build(*args, "--out", tmp_path / "two", "--executor", "local", "--slurm-cpus", 1)
+    assert r.exit_code == 0, r.output
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two and all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
+    logs = tmp_path / ".two-submitit"
+    assert len(list(logs.glob("*/*_result.pkl"))) == 2  # one job per checkpoint, logs beside --out, not in it
+    # a failing checkpoint: its job's error comes back as one line; the other report is still listed
+    (tiny_run["run"].parent / "bad").mkdir(exist_ok=True)
+    bad_ckpt = tiny_run["run"].parent / "bad" / "step_1"
+    bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
+    r = build("--ckpt", bad_ckpt, "--ckpt", tiny_run["run"] / "step_100", "--data", tiny_run["data"], "--samples", 2,
+              "--format", "html", "--out", tmp_path / "three", "--executor", "local", "--slurm-cpus", 1)
+    assert r.exit_code == 2 and "step_1: not a readable PyTorch checkpoint" in r.output
+
+
 def test_run_overview_matches_the_reports(tiny_run, tmp_path):
     r = build("--ckpt", tiny_run["run"], "--data", tiny_run["data"], "--out", tmp_path, "--samples", 3, "--format", "html")
     assert r.exit_code == 0, r.output

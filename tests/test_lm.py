@@ -319,3 +319,31 @@ def test_lm_bad_input_is_one_line_exit_2(lm_run, tmp_path, case, needle):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("reportgen: error: ") and needle in lines[-1], r.stderr
     assert not list(out.glob("*/*/index.html"))
+
+
+def test_sae_pass_that_stops_after_the_hook_layer_gives_the_same_features():
+    """With no analysis reading logits, the pass stops after the SAE's layer; codes and losses do not change."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from reportgen.lm import LMSubject
+    from reportgen.lmprobe import probe_lm
+
+    ref = make_lm(11)
+    model = to_hooked(ref.state_dict(), ref.cfg)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4))
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    subject = LMSubject(ref=None, model=model, format="restoration", causal=False, config_rows=[], vocab=[chr(i) for i in range(258)],
+                        vocab_source="", byte_level=True, mask_id=257, pad_id=256)
+    tokens = np.random.default_rng(1).integers(0, 256, (12, 16))
+    inputs, scored = mask_tokens(tokens, 0.2, 257, 0)
+    need = {"sae": {"loss_seqs": 3, "variance_seqs": 5}}
+    a = probe_lm(subject, tokens, inputs, scored, need, "cpu", batch_size=4, sae=sae)
+    b = probe_lm(subject, tokens, inputs, scored, {**need, "predictions": {"top_k": 2}}, "cpu", batch_size=4, sae=sae)
+    assert "loss" not in a.metrics and "loss" in b.metrics
+    for key in ("rows", "cols"):
+        assert (a.sae[key] == b.sae[key]).all()
+    assert np.allclose(a.sae["vals"], b.sae["vals"], atol=1e-6)
+    assert a.sae["losses"] == pytest.approx(b.sae["losses"], rel=1e-5)
+    assert a.sae["explained_variance"] == pytest.approx(b.sae["explained_variance"], rel=1e-5)
+    assert a.sae["variance_tokens"] == 5 * 16
