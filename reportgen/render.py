@@ -64,6 +64,20 @@ def _runs(tokens: list, at: int) -> list:
     return out
 
 
+def _bars(counts: list, width: int = 200, height: int = 36, color: str = "#0969da") -> str:
+    """A small bar chart as an SVG data: URI (one image per card: WeasyPrint lays out one box, not one per bar)."""
+    import base64
+
+    peak = max(counts) if counts else 0
+    w = width / max(len(counts), 1)
+    rects = "".join(
+        f'<rect x="{i * w + 0.5:.1f}" y="{height - height * c / peak:.1f}" width="{w - 1:.1f}" height="{height * c / peak:.1f}"/>'
+        for i, c in enumerate(counts) if peak and c)
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 1}" viewBox="0 0 {width} {height + 1}">'
+           f'<g fill="{color}">{rects}</g><line x1="0" y1="{height + 0.5}" x2="{width}" y2="{height + 0.5}" stroke="#1f2328"/></svg>')
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
+
+
 @lru_cache(maxsize=1)
 def environment():
     import jinja2
@@ -81,6 +95,7 @@ def environment():
     env.filters["tok"] = _tok
     env.filters["heat"] = _heat
     env.filters["runs"] = _runs
+    env.filters["bars"] = _bars
     return env
 
 
