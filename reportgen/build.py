@@ -240,7 +240,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
             with timer("site"):
                 from .site import write_site
 
-                write_site(out, __version__, {job.ref.run for _, job in todo})
+                write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
     index = f"; site index: {out / 'index.html'}" if opts.write_index else ""
     _log(opts, f"{len(todo)} report(s) built, {len(refs) - len(todo)} up to date{index}")
     return folders
@@ -295,7 +295,7 @@ def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
         with timer("site"):
             from .site import write_site
 
-            write_site(out, __version__, {job.ref.run for _, job in todo})
+            write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
     if errors:
         raise ReportgenError(errors[0].removeprefix("reportgen: error: "))
     _log(opts, f"{len(done)} report(s) built in {n} processes, {len(refs) - len(todo)} up to date; "
@@ -315,7 +315,7 @@ def _run_executor(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
         with timer("site"):
             from .site import write_site
 
-            write_site(out, __version__, {job.ref.run for _, job in todo})
+            write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
     if errors:
         raise ReportgenError(errors[0] + (f" (and {len(errors) - 1} more failed job(s))" if len(errors) > 1 else ""))
     _log(opts, f"{len(done)} report(s) built by {opts.executor} jobs, {len(refs) - len(todo)} up to date; "

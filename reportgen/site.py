@@ -128,8 +128,8 @@ def trend_figure(reports: list[dict]):
         "denominator, or none solved."), fig, alt="Metrics across training steps")
 
 
-def write_run_overview(out: Path, run: str, reports: list[dict], version: str) -> None:
-    """<run>/index.html: every checkpoint's metrics, their trend, and the analyses' run figures."""
+def write_run_overview(out: Path, run: str, reports: list[dict], version: str, pdf: bool = False) -> None:
+    """<run>/index.html (and overview.pdf): every checkpoint's metrics, their trend, and the analyses' run figures."""
     import analyses
 
     from .figures import display_size, save
@@ -163,12 +163,19 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str) -
              "files": r["files"]} for r in reports]
     write_atomic(folder / "data" / "overview.json", json.dumps({"run": run, "reports": rows}, indent=1, sort_keys=True) + "\n")
     runs = {run: reports}
-    write_atomic(folder / "index.html", render(
-        "run.html", run=run, rows=rows, figures=figs, version=version,
-        columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)], src={f.stem: f.files["svg"] for f in figs}, links=True))
+    ctx = dict(run=run, rows=rows, figures=figs, version=version, columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)])
+    write_atomic(folder / "index.html", render("run.html", src={f.stem: f.files["svg"] for f in figs}, links=True,
+                                               has_pdf=pdf, **ctx))
+    if pdf:
+        from .render import source_date, write_pdf
+
+        tmp = folder / ".overview.pdf.tmp"
+        write_pdf(render("run.html", src={f.stem: f.files["png"] for f in figs}, links=False, has_pdf=False,
+                         pdf_date=source_date(), **ctx), folder, tmp)
+        tmp.replace(folder / "overview.pdf")
 
 
-def write_site(out: Path, version: str, changed_runs: set[str] | None = None) -> None:
+def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pdf: bool = False) -> None:
     """The site index, manifest, summary, 404 and .nojekyll; the overview of every run in `changed_runs`
     (all runs when None) and of every run that has none yet."""
     from .render import render
@@ -183,7 +190,7 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None) ->
                                                 columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)]))
     for run, rs in runs.items():
         if changed_runs is None or run in changed_runs or not (out / run / "index.html").is_file():
-            write_run_overview(out, run, rs, version)
+            write_run_overview(out, run, rs, version, pdf)
     write_atomic(out / "404.html", render("404.html", version=version))
     write_atomic(out / "summary.md", f"## reportgen: {len(reports)} report(s)\n\n" + summary_markdown(runs))
     (out / ".nojekyll").touch()

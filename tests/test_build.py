@@ -381,6 +381,17 @@ def test_run_overview_matches_the_reports(tiny_run, tmp_path):
     boards = (run / "figures/trend-sudoku_latents.svg").read_text()
     assert ">step_100<" in boards and ">step_200<" in boards  # one row per checkpoint
     assert 'href="tiny-run/index.html"' in (tmp_path / "index.html").read_text()
+    assert not (run / "overview.pdf").exists()  # --format html: no PDFs
+
+
+def test_run_overview_also_as_pdf(site):
+    from pypdf import PdfReader
+
+    out, _ = site
+    run = out / "tiny-run"
+    text = "".join(page.extract_text() for page in PdfReader(run / "overview.pdf").pages)
+    assert "step_100" in text and "blank-cell acc." in text
+    assert 'href="overview.pdf"' in (run / "index.html").read_text()
 
 
 def test_run_figure_picks_the_most_improved_common_puzzle():
