@@ -347,3 +347,34 @@ def test_sae_pass_that_stops_after_the_hook_layer_gives_the_same_features():
     assert a.sae["losses"] == pytest.approx(b.sae["losses"], rel=1e-5)
     assert a.sae["explained_variance"] == pytest.approx(b.sae["explained_variance"], rel=1e-5)
     assert a.sae["variance_tokens"] == 5 * 16
+
+
+def test_standard_l1_sae_trains_too(tmp_path):
+    from reportgen.sae import train_sae
+
+    ref = make_lm(12)
+    model = to_hooked(ref.state_dict(), ref.cfg)
+    tokens = np.random.default_rng(2).integers(0, 256, (8, 32))
+    sae, info = train_sae(model, tokens, 0, tmp_path / "std", "cpu", arch="standard", training_tokens=2048, expansion=2)
+    assert info["architecture"] == "standard" and info["d_sae"] == 64
+    assert json.loads((tmp_path / "std" / "cfg.json").read_text())["architecture"] == "standard"
+
+
+def test_causal_model_reports_next_token_predictions(tmp_path):
+    ckpt = save_restoration(make_lm(13, causal=True), tmp_path / "causal" / "step_5.pt")
+    text = tmp_path / "eval.txt"
+    text.write_text(EVAL_TEXT)
+    out = tmp_path / "site"
+    r = run_cli("--ckpt", str(ckpt), "--data", str(text), "--out", str(out), "--seq-len", "24", "--format", "html",
+                "--only", "predictions,attention")
+    assert r.returncode == 0, r.stderr
+    rep = out / "causal" / "step_5"
+    pred = json.loads((rep / "data" / "predictions.json").read_text())
+    assert pred["task"] == "next-token" and "[MASK]" not in json.dumps(pred["rows"])
+    tr = np.load(rep / "data" / "trace.npz")
+    assert (tr["targets"][:, :-1] == tr["tokens"][:, 1:]).all() and not tr["scored"][:, -1].any()
+    att = json.loads((rep / "data" / "attention.json").read_text())
+    pat = np.asarray(att["pattern_heads"])
+    assert np.allclose(np.triu(pat, 1), 0)  # causal: no weight on later tokens
+    meta = json.loads((rep / "data" / "report.json").read_text())
+    assert "next_token_accuracy" in meta["metrics"] and meta["model"]["attention"] == "causal"
