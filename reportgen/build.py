@@ -205,6 +205,10 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     with timer("plan"):
         for i, ref in enumerate(refs, 1):
             job = plan(ref, opts, params, out)
+            if job.final.parent.is_dir():
+                from .site import recover
+
+                recover(job.final)  # what a killed build of this checkpoint left behind
             if not opts.force and up_to_date(job.final, job.key):
                 _log(opts, f"[{i}/{len(refs)}] up to date: {job.final} (inputs unchanged; --force rebuilds)")
                 folders.append(job.final)

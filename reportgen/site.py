@@ -33,6 +33,7 @@ def staged_report(final: Path):
     """Yield a temporary folder beside `final`; on success it replaces `final` (the old report is
     removed only after the new one is in place), on failure it is deleted and `final` is untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -42,6 +43,9 @@ def staged_report(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if final.exists() and _exchange(tmp, final):  # one atomic step: at no moment is there no report
+        shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old report
+        return
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -49,6 +53,30 @@ def staged_report(final: Path):
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def recover(final: Path) -> None:
+    """Clean up after a build of `final` that was killed: drop its staging folders, and put back the old
+    report if the kill fell between the two renames of the fallback swap."""
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(final.parent.glob(f".{final.name}.old-*")):
+        if not final.exists():
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def collect_reports(out: Path) -> list[dict]:
@@ -173,6 +201,8 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str, p
         write_pdf(render("run.html", src={f.stem: f.files["png"] for f in figs}, links=False, has_pdf=False,
                          pdf_date=source_date(), **ctx), folder, tmp)
         tmp.replace(folder / "overview.pdf")
+    elif (folder / "overview.pdf").exists():  # an older overview's PDF would show stale metrics
+        (folder / "overview.pdf").unlink()
 
 
 def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pdf: bool = False) -> None:
@@ -186,8 +216,9 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pd
     runs: dict[str, list[dict]] = {}
     for r in reports:
         runs.setdefault(r["run"], []).append(r)
+    columns = {run: [(k, *METRIC_LABELS[k]) for k in metric_keys({run: rs})] for run, rs in runs.items()}  # per run
     write_atomic(out / "index.html", render("index.html", runs=runs, version=version, n_reports=len(reports),
-                                                columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)]))
+                                                columns=columns))
     for run, rs in runs.items():
         if changed_runs is None or run in changed_runs or not (out / run / "index.html").is_file():
             write_run_overview(out, run, rs, version, pdf)

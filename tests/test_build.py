@@ -228,6 +228,39 @@ def test_failed_build_keeps_the_previous_report(good, tmp_path):
     assert [p.name for p in rep.parent.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
+def test_killed_build_leaves_the_previous_report_whole(good, tmp_path):
+    """SIGKILL while the new report is being written: the old report stays complete and in place, and the
+    next build removes the orphaned staging folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt, data = good
+    out = tmp_path / "o"
+    assert build("--ckpt", ckpt, "--data", data, "--out", out, "--samples", 2, "--format", "html").exit_code == 0
+    rep = out / "run" / "step_5"
+    before = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "reportgen", "build", "-q", "--ckpt", str(ckpt), "--data", str(data),
+                             "--out", str(out), "--samples", "3", "--force"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    staged = []
+    while time.time() < deadline and proc.poll() is None:  # wait until the new report is half written
+        staged = [p for p in rep.parent.glob(".step_5.tmp-*") if (p / "figures").is_dir() and any((p / "figures").iterdir())]
+        if staged:
+            break
+        time.sleep(0.005)
+    assert staged, "the build finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    after = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    assert after == before  # the old report, whole
+    assert build("--ckpt", ckpt, "--data", data, "--out", out, "--samples", 2, "--format", "html").exit_code == 0
+    assert [p.name for p in rep.parent.iterdir() if p.name.startswith(".")] == []
+
+
 def test_same_inputs_same_bytes(site, tiny_run, tmp_path):
     """A second build of the same checkpoint into another folder writes byte-identical files, PDF included."""
     out, rep = site
@@ -384,14 +417,17 @@ def test_run_overview_matches_the_reports(tiny_run, tmp_path):
     assert not (run / "overview.pdf").exists()  # --format html: no PDFs
 
 
-def test_run_overview_also_as_pdf(site):
+def test_run_overview_also_as_pdf(tiny_run, tmp_path):
     from pypdf import PdfReader
 
-    out, _ = site
-    run = out / "tiny-run"
+    args = ["--ckpt", tiny_run["run"] / "step_100", "--data", tiny_run["data"], "--samples", 2, "--out", tmp_path]
+    assert build(*args).exit_code == 0
+    run = tmp_path / "tiny-run"
     text = "".join(page.extract_text() for page in PdfReader(run / "overview.pdf").pages)
     assert "step_100" in text and "blank-cell acc." in text
     assert 'href="overview.pdf"' in (run / "index.html").read_text()
+    assert build(*args, "--format", "html", "--force").exit_code == 0  # an HTML-only rebuild drops the stale PDF
+    assert not (run / "overview.pdf").exists() and 'href="overview.pdf"' not in (run / "index.html").read_text()
 
 
 def test_run_figure_picks_the_most_improved_common_puzzle():
