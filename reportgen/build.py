@@ -234,9 +234,23 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
             from .probes import resolve_device
 
             device = resolve_device(opts.device)
-        for i, job in todo:
-            _log(opts, f"[{i}/{len(refs)}] {job.ref.path}")
-            folders.append(build_one(job, opts, params, device, timer, worker))
+        pending = None  # the previous report, whose PDF the worker lays out while this process goes on
+        try:
+            for i, job in todo:
+                _log(opts, f"[{i}/{len(refs)}] {job.ref.path}")
+                nxt = build_one(job, opts, params, device, timer, worker, previous=pending)
+                if pending is not None:
+                    folders.append(pending.finish())  # (usually already finished by the next report)
+                pending = nxt
+            if pending is not None:
+                folders.append(pending.finish())
+        except BaseException:
+            if pending is not None and not pending.done:  # a complete earlier report is still installed
+                try:
+                    folders.append(pending.finish())
+                except Exception:  # noqa: BLE001 - its own failure is secondary to the one being raised
+                    pending.abort()
+            raise
     finally:
         if worker is not None:
             worker.close()
@@ -327,8 +341,10 @@ def _run_executor(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
     return folders
 
 
-def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None) -> Path:
-    """Gather a checkpoint's data (per kind), then write its report into a staged folder."""
+def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None, previous=None):
+    """Gather a checkpoint's data (per kind), then write its report into a staged folder. Returns a
+    `PendingReport`; `finish()` installs it once its PDF is done. `previous` (the report before it) is
+    finished just before this one needs the render worker, so its PDF is laid out while this one probes."""
     if job.kind == "lm":
         from .lmreport import lm_context, lm_meta, prepare_lm
 
@@ -336,11 +352,11 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
         meta = lm_meta(job, opts, prepared, device)
         ctx = lm_context(meta, prepared)
         return write_report(job, opts, meta, ctx, prepared["trace"], prepared["sections"], timer, worker,
-                            sae_dir=prepared["sae_dir"])
-    return build_trm(job, opts, params, device, timer, worker)
+                            sae_dir=prepared["sae_dir"], previous=previous)
+    return build_trm(job, opts, params, device, timer, worker, previous)
 
 
-def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None) -> Path:
+def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None, previous=None):
     import analyses
 
     from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
@@ -384,17 +400,45 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
 
     meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
     ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
-    return write_report(job, opts, meta, ctx, trace, sections, timer, worker)
+    return write_report(job, opts, meta, ctx, trace, sections, timer, worker, previous=previous)
+
+
+class PendingReport:
+    """A report written into its staged folder whose PDF the render worker may still be laying out."""
+
+    def __init__(self, staged, opts: BuildOptions, timer: Timer, worker):
+        self.staged, self.opts, self.timer, self.worker, self.done = staged, opts, timer, worker, False
+
+    def finish(self) -> Path:
+        """Wait for the PDF, then install the report; on failure the staged folder is removed."""
+        if not self.done:
+            self.done = True
+            try:
+                if self.worker is not None:
+                    with self.timer("pdf"):
+                        t = self.worker.wait()
+                    self.timer.phases["worker"] = self.timer.phases.get("worker", 0.0) + t
+            except BaseException:
+                self.staged.abort()
+                raise
+            self.staged.commit()
+            _log(self.opts, f"  wrote {self.staged.final}")
+        return self.staged.final
+
+    def abort(self) -> None:
+        self.done = True
+        self.staged.abort()
 
 
 def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sections: list, timer: Timer, worker=None,
-                 sae_dir: Path | None = None) -> Path:
-    """Figures, data, HTML and PDF into a temporary folder, swapped in for `job.final` when all is written."""
+                 sae_dir: Path | None = None, previous: PendingReport | None = None) -> PendingReport:
+    """Figures, data, HTML and PDF into a temporary folder; the returned PendingReport swaps it in for
+    `job.final` once the PDF is written."""
     import shutil
 
     from .figures import display_size, is_canvas, save
     from .render import inline_images, render, source_date
-    from .site import REPORT_META, staged_report
+    from .site import REPORT_META, Staged
 
     final, key = job.final, job.key
     fig_no = 0
@@ -403,7 +447,11 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
             fig_no += 1
             f.number, f.stem = fig_no, f"{n:02d}-{s['name']}-{k}"
     figs = [f for s in sections for f in s["figures"]]
-    with staged_report(final) as tmp:
+    if previous is not None:
+        previous.finish()  # the worker is needed now: collect the previous PDF and install that report
+    staged = Staged(final)
+    tmp = staged.tmp
+    try:
         (tmp / "figures").mkdir()
         (tmp / "data").mkdir()
         with timer("figures"):  # PNGs first: the PDF needs only them, and starts while the rest is written
@@ -443,11 +491,15 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
             if opts.self_contained:  # one file, no reference outside it: figures as data: URIs, no file links
                 page = render("report.html", src={f.stem: f.files["svg"] for f in figs}, links=False, **ctx)
                 (tmp / "report.html").write_text(inline_images(page, tmp), encoding="utf-8")
+    except BaseException:
         if worker is not None:
-            with timer("pdf"):
-                timer.phases["worker"] = timer.phases.get("worker", 0.0) + worker.wait()
-    _log(opts, f"  wrote {final}")
-    return final
+            try:
+                worker.wait()  # it may still be writing into the staged folder
+            except Exception:  # noqa: BLE001
+                pass
+        staged.abort()
+        raise
+    return PendingReport(staged, opts, timer, worker)
 
 
 def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOptions, params: dict,

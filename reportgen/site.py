@@ -28,31 +28,46 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+class Staged:
+    """A temporary folder beside `final` that `commit` swaps in for it (the old report is replaced in one
+    atomic step where the OS allows) and `abort` deletes, leaving `final` untouched."""
+
+    def __init__(self, final: Path):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover(final)
+        self.final = final
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published report must be readable
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self) -> None:
+        final, tmp = self.final, self.tmp
+        if final.exists() and _exchange(tmp, final):  # one atomic step: at no moment is there no report
+            shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old report
+            return
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def staged_report(final: Path):
-    """Yield a temporary folder beside `final`; on success it replaces `final` (the old report is
-    removed only after the new one is in place), on failure it is deleted and `final` is untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published report must be readable
+    """Yield a temporary folder beside `final`; on success it replaces `final`, on failure it is deleted."""
+    st = Staged(final)
     try:
-        yield tmp
+        yield st.tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        st.abort()
         raise
-    if final.exists() and _exchange(tmp, final):  # one atomic step: at no moment is there no report
-        shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old report
-        return
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    st.commit()
 
 
 def _exchange(a: Path, b: Path) -> bool:
