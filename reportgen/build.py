@@ -307,6 +307,16 @@ def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
                                    f"reportgen: error: a --jobs process failed (exit {proc.returncode})"))
             elif not opts.quiet and lines:
                 print("\n".join(lines), file=sys.stderr, flush=True)
+    done = _index_finished(opts, todo, folders, out, timer)
+    if errors:
+        raise ReportgenError(errors[0].removeprefix("reportgen: error: "))
+    _log(opts, f"{len(done)} report(s) built in {n} processes, {len(refs) - len(todo)} up to date; "
+               f"site index: {out / 'index.html'}")
+    return folders
+
+
+def _index_finished(opts: BuildOptions, todo, folders: list[Path], out: Path, timer: Timer) -> list[Path]:
+    """After other processes built `todo`: the reports they finished, added to `folders`, and the site index."""
     done = [job.final for _, job in todo if up_to_date(job.final, job.key)]
     folders += done
     if folders and opts.write_index:
@@ -314,11 +324,7 @@ def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
             from .site import write_site
 
             write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
-    if errors:
-        raise ReportgenError(errors[0].removeprefix("reportgen: error: "))
-    _log(opts, f"{len(done)} report(s) built in {n} processes, {len(refs) - len(todo)} up to date; "
-               f"site index: {out / 'index.html'}")
-    return folders
+    return done
 
 
 def _run_executor(opts: BuildOptions, refs, todo, folders: list[Path], out: Path, timer: Timer) -> list[Path]:
@@ -327,13 +333,7 @@ def _run_executor(opts: BuildOptions, refs, todo, folders: list[Path], out: Path
 
     with timer("jobs"):
         errors = run_jobs(opts, todo)
-    done = [job.final for _, job in todo if up_to_date(job.final, job.key)]
-    folders += done
-    if folders and opts.write_index:
-        with timer("site"):
-            from .site import write_site
-
-            write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
+    done = _index_finished(opts, todo, folders, out, timer)
     if errors:
         raise ReportgenError(errors[0] + (f" (and {len(errors) - 1} more failed job(s))" if len(errors) > 1 else ""))
     _log(opts, f"{len(done)} report(s) built by {opts.executor} jobs, {len(refs) - len(todo)} up to date; "
