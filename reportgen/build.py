@@ -215,9 +215,13 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
             else:
                 todo.append((i, job))
     if opts.executor != "none" and todo:
-        return _run_executor(opts, refs, todo, folders, out, timer)
+        from .cluster import run_executor
+
+        return run_executor(opts, refs, todo, folders, out, timer)
     if opts.jobs > 1 and len(todo) > 1:
-        return _run_parallel(opts, refs, todo, folders, out, timer)
+        from .cluster import run_parallel
+
+        return run_parallel(opts, refs, todo, folders, out, timer)
     worker = None
     if todo and "pdf" in opts.formats:
         from .render import RenderWorker
@@ -264,83 +268,6 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     return folders
 
 
-def _child_args(opts: BuildOptions, ckpts: list[str], threads: int) -> list[str]:
-    """The `reportgen build` command line of a --jobs child: the same options for a share of the checkpoints."""
-    args = [sys.executable, "-m", "reportgen", "build", "--out", opts.out, "--split", opts.split, "--samples",
-            str(opts.samples), "--select", opts.select, "--seed", str(opts.seed), "--device", opts.device, "--dtype",
-            opts.dtype, "--format", ",".join(opts.formats), "--figure-formats", ",".join(opts.figure_formats),
-            "--threads", str(threads), "--no-index"]
-    for c in ckpts:
-        args += ["--ckpt", c]
-    for flag, value in (("--data", opts.data), ("--only", ",".join(opts.only or [])), ("--config", opts.config)):
-        if value:
-            args += [flag, value]
-    for p in opts.params:
-        args += ["--param", p]
-    args += ["--seq-len", str(opts.seq_len), "--max-seqs", str(opts.max_seqs), "--mask-rate", str(opts.mask_rate),
-             "--sae-arch", opts.sae_arch, "--sae-tokens", str(opts.sae_tokens)]
-    for flag, value in (("--vocab", opts.vocab), ("--sae", opts.sae), ("--train-sae", opts.train_sae)):
-        if value is not None:
-            args += [flag, str(value)]
-    args += [f for f, on in (("--self-contained", opts.self_contained), ("--force", opts.force), ("-q", opts.quiet),
-                             ("--trust-checkpoint", opts.trust_checkpoint)) if on]
-    return args
-
-
-def _run_parallel(opts: BuildOptions, refs, todo, folders: list[Path], out: Path, timer: Timer) -> list[Path]:
-    """--jobs N: the stale checkpoints are shared among N `reportgen build` processes (plain subprocesses,
-    like the render worker), each with its share of the CPU threads; the site index is written once at the end."""
-    import os
-    import subprocess
-
-    n = min(opts.jobs, len(todo))
-    threads = opts.threads or max(1, (os.cpu_count() or 1) // n)
-    shares = [[str(job.ref.path) for _, job in todo[k::n]] for k in range(n)]
-    with timer("jobs"):
-        procs = [subprocess.Popen(_child_args(opts, share, threads), stderr=subprocess.PIPE, text=True) for share in shares]
-        errors = []
-        for proc in procs:
-            _, err = proc.communicate()
-            lines = [ln for ln in err.splitlines() if ln.strip()]
-            if proc.returncode:
-                errors.append(next((ln for ln in reversed(lines) if ln.startswith("reportgen: error: ")),
-                                   f"reportgen: error: a --jobs process failed (exit {proc.returncode})"))
-            elif not opts.quiet and lines:
-                print("\n".join(lines), file=sys.stderr, flush=True)
-    done = _index_finished(opts, todo, folders, out, timer)
-    if errors:
-        raise ReportgenError(errors[0].removeprefix("reportgen: error: "))
-    _log(opts, f"{len(done)} report(s) built in {n} processes, {len(refs) - len(todo)} up to date; "
-               f"site index: {out / 'index.html'}")
-    return folders
-
-
-def _index_finished(opts: BuildOptions, todo, folders: list[Path], out: Path, timer: Timer) -> list[Path]:
-    """After other processes built `todo`: the reports they finished, added to `folders`, and the site index."""
-    done = [job.final for _, job in todo if up_to_date(job.final, job.key)]
-    folders += done
-    if folders and opts.write_index:
-        with timer("site"):
-            from .site import write_site
-
-            write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
-    return done
-
-
-def _run_executor(opts: BuildOptions, refs, todo, folders: list[Path], out: Path, timer: Timer) -> list[Path]:
-    """--executor slurm|local: one submitit job per stale checkpoint; the site index once they all finish."""
-    from .cluster import run_jobs
-
-    with timer("jobs"):
-        errors = run_jobs(opts, todo)
-    done = _index_finished(opts, todo, folders, out, timer)
-    if errors:
-        raise ReportgenError(errors[0] + (f" (and {len(errors) - 1} more failed job(s))" if len(errors) > 1 else ""))
-    _log(opts, f"{len(done)} report(s) built by {opts.executor} jobs, {len(refs) - len(todo)} up to date; "
-               f"site index: {out / 'index.html'}")
-    return folders
-
-
 def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None, previous=None):
     """Gather a checkpoint's data (per kind), then write its report into a staged folder. Returns a
     `PendingReport`; `finish()` installs it once its PDF is done. `previous` (the report before it) is
@@ -353,54 +280,9 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
         ctx = lm_context(meta, prepared)
         return write_report(job, opts, meta, ctx, prepared["trace"], prepared["sections"], timer, worker,
                             sae_dir=prepared["sae_dir"], previous=previous)
+    from .trmreport import build_trm
+
     return build_trm(job, opts, params, device, timer, worker, previous)
-
-
-def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None, previous=None):
-    import analyses
-
-    from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
-    from .datasets import read_split, select
-    from .probes import probe_trm
-
-    ref, sha = job.ref, job.sha
-    run_config, config_path, data_dir, data_how = job.run_config, job.config_path, job.data_dir, job.data_how
-    with timer("load"):
-        sd = strip_trm_prefixes(read_state_dict(ref.path))
-        if not is_trm(sd):
-            raise ReportgenError(
-                f"{ref.path}: not a TRM checkpoint (no embed_tokens.embedding_weight, lm_head.weight and "
-                f"L_level.layers.* tensors)")
-        split = read_split(data_dir, opts.split)
-        subject = load_trm(ref, sd, run_config, config_path, split.meta, opts.dtype)
-        if int(split.meta["vocab_size"]) > subject.config.vocab_size:
-            raise ReportgenError(f"{data_dir / opts.split / 'dataset.json'}: vocab_size {split.meta['vocab_size']} "
-                                 f"is larger than the checkpoint's {subject.config.vocab_size}")
-        idx = select(len(split), opts.samples, opts.select, opts.seed, str(data_dir / opts.split))
-    cfg = subject.config
-    _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")
-    if device == "cpu" and cfg.forward_dtype != "float32":
-        _log(opts, f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
-    with timer("probe"):
-        trace = probe_trm(subject, split.inputs[idx], split.labels[idx], split.puzzle_identifiers[idx], idx, device,
-                          progress=_progress(opts))
-
-    selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
-    sections, metrics = [], {}
-    for mod in selected:
-        with timer("analyses"):
-            data = mod.compute(trace, params[mod.NAME])
-            if hasattr(mod, "metrics"):
-                metrics.update(mod.metrics(data))
-        with timer("figures"):
-            figs = mod.figures(data, params[mod.NAME])
-        sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
-                         "figures": figs})
-    from .probes import TRACE_ARRAYS
-
-    meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
-    ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
-    return write_report(job, opts, meta, ctx, trace, sections, timer, worker, previous=previous)
 
 
 class PendingReport:
@@ -560,52 +442,3 @@ def report_files(opts: BuildOptions, sections: list) -> list[str]:
     if opts.self_contained:
         files.append("report.html")
     return sorted(files)
-
-
-def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:
-    import torch
-
-    cfg = subject.config
-    return {
-        "run": ref.run,
-        "name": ref.name,
-        "step": ref.step,
-        "path": f"{ref.run}/{ref.name}/",
-        "kind": "trm",
-        "checkpoint": {"path": str(ref.path), "sha256": sha, "bytes": ref.path.stat().st_size,
-                       "config": str(subject.config_path) if subject.config_path else None},
-        "dataset": {"path": str(data_dir), "found_by": data_how, "split": opts.split,
-                    "puzzle_indices": [int(i) for i in idx], "selection": opts.select,
-                    "seed": opts.seed if opts.select == "random" else None},
-        "compute": {"device": device, "dtype": cfg.forward_dtype, "trained_dtype": subject.trained_dtype,
-                    "act_steps": cfg.halt_max_steps},
-        "analyses": [s["name"] for s in sections],
-        "metrics": metrics,
-        "versions": {"reportgen": __version__, "torch": torch.__version__.split("+")[0]},
-    }
-
-
-def report_context(meta, subject, sections, trace_arrays, trace) -> dict:
-    cfg = subject.config
-    config_rows = [(k, v, cfg.sources.get(k, "")) for k, v in cfg.to_dict().items()]
-    if meta["compute"]["dtype"] != meta["compute"]["trained_dtype"]:
-        config_rows = [(k, f"{v} (checkpoint: {meta['compute']['trained_dtype']})" if k == "forward_dtype" else v, s)
-                       for k, v, s in config_rows]
-    run_rows = [(k, v) for k, v in sorted(subject.run_config.items()) if k != "arch"]
-    step = meta["step"]
-    title = f"{meta['run']} · step {step}" if step is not None else f"{meta['run']} · {meta['name']}"
-    key = f"reportgen:{meta['run']}:{meta['name']}".replace(" ", "_")
-    bib = (
-        f"@misc{{{key},\n"
-        f"  title        = {{{{TRM report: {meta['run']}, {meta['name']}}}}},\n"
-        f"  howpublished = {{reportgen {meta['versions']['reportgen']}}},\n"
-        f"  note         = {{Checkpoint {Path(meta['checkpoint']['path']).name}, sha256 {meta['checkpoint']['sha256']}; "
-        f"{meta['dataset']['split']} split of {Path(meta['dataset']['path']).name}, "
-        f"{len(meta['dataset']['puzzle_indices'])} puzzles}}\n}}"
-    )
-    shapes = {k: list(v.shape) for k, v in trace.arrays.items()}
-    return {
-        "meta": meta, "title": title, "config_rows": config_rows, "run_rows": run_rows, "notes": subject.notes,
-        "sections": sections, "trace_arrays": [(k, shapes.get(k), d) for k, d in trace_arrays.items()],
-        "bibtex": bib, "site_root": "../../",
-    }

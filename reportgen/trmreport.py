@@ -1,0 +1,107 @@
+"""TRM reports: load the upstream checkpoint and dataset → probe every ACT step → analyses; meta and page context.
+
+The build (build.py) calls `build_trm` for a checkpoint that `sniff_kind` calls "trm".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import __version__
+from .build import BuildOptions, Job, Timer, _log, _progress, write_report
+from .errors import ReportgenError
+
+
+def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None, previous=None):
+    import analyses
+
+    from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
+    from .datasets import read_split, select
+    from .probes import probe_trm
+
+    ref, sha = job.ref, job.sha
+    run_config, config_path, data_dir, data_how = job.run_config, job.config_path, job.data_dir, job.data_how
+    with timer("load"):
+        sd = strip_trm_prefixes(read_state_dict(ref.path))
+        if not is_trm(sd):
+            raise ReportgenError(
+                f"{ref.path}: not a TRM checkpoint (no embed_tokens.embedding_weight, lm_head.weight and "
+                f"L_level.layers.* tensors)")
+        split = read_split(data_dir, opts.split)
+        subject = load_trm(ref, sd, run_config, config_path, split.meta, opts.dtype)
+        if int(split.meta["vocab_size"]) > subject.config.vocab_size:
+            raise ReportgenError(f"{data_dir / opts.split / 'dataset.json'}: vocab_size {split.meta['vocab_size']} "
+                                 f"is larger than the checkpoint's {subject.config.vocab_size}")
+        idx = select(len(split), opts.samples, opts.select, opts.seed, str(data_dir / opts.split))
+    cfg = subject.config
+    _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")
+    if device == "cpu" and cfg.forward_dtype != "float32":
+        _log(opts, f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
+    with timer("probe"):
+        trace = probe_trm(subject, split.inputs[idx], split.labels[idx], split.puzzle_identifiers[idx], idx, device,
+                          progress=_progress(opts))
+
+    selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
+    sections, metrics = [], {}
+    for mod in selected:
+        with timer("analyses"):
+            data = mod.compute(trace, params[mod.NAME])
+            if hasattr(mod, "metrics"):
+                metrics.update(mod.metrics(data))
+        with timer("figures"):
+            figs = mod.figures(data, params[mod.NAME])
+        sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
+                         "figures": figs})
+    from .probes import TRACE_ARRAYS
+
+    meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
+    ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
+    return write_report(job, opts, meta, ctx, trace, sections, timer, worker, previous=previous)
+
+
+def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:
+    import torch
+
+    cfg = subject.config
+    return {
+        "run": ref.run,
+        "name": ref.name,
+        "step": ref.step,
+        "path": f"{ref.run}/{ref.name}/",
+        "kind": "trm",
+        "checkpoint": {"path": str(ref.path), "sha256": sha, "bytes": ref.path.stat().st_size,
+                       "config": str(subject.config_path) if subject.config_path else None},
+        "dataset": {"path": str(data_dir), "found_by": data_how, "split": opts.split,
+                    "puzzle_indices": [int(i) for i in idx], "selection": opts.select,
+                    "seed": opts.seed if opts.select == "random" else None},
+        "compute": {"device": device, "dtype": cfg.forward_dtype, "trained_dtype": subject.trained_dtype,
+                    "act_steps": cfg.halt_max_steps},
+        "analyses": [s["name"] for s in sections],
+        "metrics": metrics,
+        "versions": {"reportgen": __version__, "torch": torch.__version__.split("+")[0]},
+    }
+
+
+def report_context(meta, subject, sections, trace_arrays, trace) -> dict:
+    cfg = subject.config
+    config_rows = [(k, v, cfg.sources.get(k, "")) for k, v in cfg.to_dict().items()]
+    if meta["compute"]["dtype"] != meta["compute"]["trained_dtype"]:
+        config_rows = [(k, f"{v} (checkpoint: {meta['compute']['trained_dtype']})" if k == "forward_dtype" else v, s)
+                       for k, v, s in config_rows]
+    run_rows = [(k, v) for k, v in sorted(subject.run_config.items()) if k != "arch"]
+    step = meta["step"]
+    title = f"{meta['run']} · step {step}" if step is not None else f"{meta['run']} · {meta['name']}"
+    key = f"reportgen:{meta['run']}:{meta['name']}".replace(" ", "_")
+    bib = (
+        f"@misc{{{key},\n"
+        f"  title        = {{{{TRM report: {meta['run']}, {meta['name']}}}}},\n"
+        f"  howpublished = {{reportgen {meta['versions']['reportgen']}}},\n"
+        f"  note         = {{Checkpoint {Path(meta['checkpoint']['path']).name}, sha256 {meta['checkpoint']['sha256']}; "
+        f"{meta['dataset']['split']} split of {Path(meta['dataset']['path']).name}, "
+        f"{len(meta['dataset']['puzzle_indices'])} puzzles}}\n}}"
+    )
+    shapes = {k: list(v.shape) for k, v in trace.arrays.items()}
+    return {
+        "meta": meta, "title": title, "config_rows": config_rows, "run_rows": run_rows, "notes": subject.notes,
+        "sections": sections, "trace_arrays": [(k, shapes.get(k), d) for k, d in trace_arrays.items()],
+        "bibtex": bib, "site_root": "../../",
+    }
