@@ -34,7 +34,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)

@@ -128,9 +128,14 @@ def read_state_dict(path: Path) -> dict:
 
 
 def strip_trm_prefixes(sd: dict) -> dict:
+    return strip_prefixes(sd, TRM_PREFIXES)
+
+
+def strip_prefixes(sd: dict, prefixes: tuple[str, ...]) -> dict:
+    """State-dict keys without wrapper prefixes (torch.compile's `_orig_mod.`, DDP's `module.`, ...)."""
     out = {}
     for k, v in sd.items():
-        for pre in TRM_PREFIXES:
+        for pre in prefixes:
             if k.startswith(pre):
                 k = k[len(pre):]
         out[k] = v

@@ -97,13 +97,9 @@ def sniff(obj) -> str | None:
 
 
 def _strip(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for p in STRIP_PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
+    from .checkpoints import strip_prefixes
+
+    return strip_prefixes(sd, STRIP_PREFIXES)
 
 
 def load_model(path: Path, obj, fmt: str, device: str):

@@ -163,13 +163,13 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
                 logits = model.run_with_hooks(x, fwd_hooks=hooks) if hooks else model(x)
                 tg = torch.as_tensor(targets[lo:hi], device=device)
                 sc = torch.as_tensor(scored[lo:hi], device=device)
-                c, h, n = loss_terms(logits, tg, sc)
-                ce_sum, hits, count = ce_sum + c, hits + h, count + n
-                if lo < loss_seqs:  # the clean loss of the sequences the SAE's loss is taken on
-                    m = min(loss_seqs - lo, len(x))
-                    c2, _, n2 = loss_terms(logits[:m], tg[:m], sc[:m])
-                    clean[0] += c2
-                    clean[1] += n2
+                m = min(max(loss_seqs - lo, 0), len(x))  # rows whose clean loss the SAE's loss is compared with
+                for part in (slice(0, m), slice(m, None)):
+                    c, h, n = loss_terms(logits[part], tg[part], sc[part])
+                    ce_sum, hits, count = ce_sum + c, hits + h, count + n
+                    if part.start == 0 and m:
+                        clean[0] += c
+                        clean[1] += n
                 if lo < S and full:
                     pr = logits[: S - lo].float().softmax(-1).topk(k, dim=-1)
                     top_ids.append(pr.indices.cpu())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +15,7 @@ from conftest import EVAL_TEXT, make_lm, save_restoration
 from reportgen.checkpoints import discover, sniff_kind
 from reportgen.errors import ReportgenError
 from reportgen.lm import load_tokens, load_vocab, mask_tokens, read_checkpoint, show_token
-from reportgen.models.restoration import RestorationConfig, RestorationModel, to_hooked
+from reportgen.models.restoration import to_hooked
 
 
 @pytest.mark.parametrize("causal", [False, True])
