@@ -238,40 +238,47 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
             from .probes import resolve_device
 
             device = resolve_device(opts.device)
-        pending = None  # the previous report, whose PDF the worker lays out while this process goes on
+        # Reports written but not yet installed, oldest first. The worker lays out one report's PDF while
+        # this process builds the next; that one is installed once the next has been handed over.
+        pending: list[PendingReport] = []
+        failed = False
         try:
             for i, job in todo:
                 _log(opts, f"[{i}/{len(refs)}] {job.ref.path}")
-                nxt = build_one(job, opts, params, device, timer, worker, previous=pending)
-                if pending is not None:
-                    folders.append(pending.finish())  # (usually already finished by the next report)
-                pending = nxt
-            if pending is not None:
-                folders.append(pending.finish())
+                pending.append(build_one(job, opts, params, device, timer, worker))
+                while len(pending) > (1 if worker is not None else 0):
+                    folders.append(pending.pop(0).finish())  # (its PDF is usually done by now)
+            while pending:
+                folders.append(pending.pop(0).finish())
         except BaseException:
-            if pending is not None and not pending.done:  # a complete earlier report is still installed
-                try:
-                    folders.append(pending.finish())
-                except Exception:  # noqa: BLE001 - its own failure is secondary to the one being raised
-                    pending.abort()
+            failed = True
+            for p in pending:  # a complete earlier report is still installed
+                if not p.done:
+                    try:
+                        folders.append(p.finish())
+                    except Exception:  # noqa: BLE001 - its own failure is secondary to the one being raised
+                        p.abort()
             raise
+        finally:
+            if folders and opts.write_index:  # also after a later checkpoint failed: it lists the reports written
+                with timer("site"):
+                    from .site import write_site
+
+                    # the overviews' PDFs are laid out by the warm worker, unless the build is failing
+                    write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats,
+                               worker=worker if not failed else None)
     finally:
         if worker is not None:
             worker.close()
-        if folders and opts.write_index:  # also after a later checkpoint failed: it lists the reports written
-            with timer("site"):
-                from .site import write_site
-
-                write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
     index = f"; site index: {out / 'index.html'}" if opts.write_index else ""
     _log(opts, f"{len(todo)} report(s) built, {len(refs) - len(todo)} up to date{index}")
     return folders
 
 
-def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None, previous=None):
+def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None):
     """Gather a checkpoint's data (per kind), then write its report into a staged folder. Returns a
-    `PendingReport`; `finish()` installs it once its PDF is done. `previous` (the report before it) is
-    finished just before this one needs the render worker, so its PDF is laid out while this one probes."""
+    `PendingReport`; `finish()` installs it once its PDF is done (the worker lays it out while this
+    process goes on with the next checkpoint)."""
     if job.kind == "lm":
         from .lmreport import lm_context, lm_meta, prepare_lm
 
@@ -279,17 +286,18 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
         meta = lm_meta(job, opts, prepared, device)
         ctx = lm_context(meta, prepared)
         return write_report(job, opts, meta, ctx, prepared["trace"], prepared["sections"], timer, worker,
-                            sae_dir=prepared["sae_dir"], previous=previous)
+                            sae_dir=prepared["sae_dir"])
     from .trmreport import build_trm
 
-    return build_trm(job, opts, params, device, timer, worker, previous)
+    return build_trm(job, opts, params, device, timer, worker)
 
 
 class PendingReport:
     """A report written into its staged folder whose PDF the render worker may still be laying out."""
 
-    def __init__(self, staged, opts: BuildOptions, timer: Timer, worker):
-        self.staged, self.opts, self.timer, self.worker, self.done = staged, opts, timer, worker, False
+    def __init__(self, staged, opts: BuildOptions, timer: Timer, worker, jobs: tuple[int, int] = (0, 0)):
+        self.staged, self.opts, self.timer, self.worker, self.jobs = staged, opts, timer, worker, jobs
+        self.done = False
 
     def finish(self) -> Path:
         """Wait for the PDF, then install the report; on failure the staged folder is removed."""
@@ -298,7 +306,7 @@ class PendingReport:
             try:
                 if self.worker is not None:
                     with self.timer("pdf"):
-                        t = self.worker.wait()
+                        t = self.worker.wait(upto=self.jobs[1], since=self.jobs[0])
                     self.timer.phases["worker"] = self.timer.phases.get("worker", 0.0) + t
             except BaseException:
                 self.staged.abort()
@@ -313,12 +321,12 @@ class PendingReport:
 
 
 def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sections: list, timer: Timer, worker=None,
-                 sae_dir: Path | None = None, previous: PendingReport | None = None) -> PendingReport:
+                 sae_dir: Path | None = None) -> PendingReport:
     """Figures, data, HTML and PDF into a temporary folder; the returned PendingReport swaps it in for
     `job.final` once the PDF is written."""
     import shutil
 
-    from .figures import display_size, is_canvas, save
+    from .figures import display_size, save
     from .render import inline_images, render, source_date
     from .site import REPORT_META, Staged
 
@@ -329,10 +337,9 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
             fig_no += 1
             f.number, f.stem = fig_no, f"{n:02d}-{s['name']}-{k}"
     figs = [f for s in sections for f in s["figures"]]
-    if previous is not None:
-        previous.finish()  # the worker is needed now: collect the previous PDF and install that report
     staged = Staged(final)
     tmp = staged.tmp
+    first_job = worker.sent if worker is not None else 0  # the numbers of this report's worker jobs
     try:
         (tmp / "figures").mkdir()
         (tmp / "data").mkdir()
@@ -341,11 +348,8 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
             for f in figs:
                 f.files = {fmt: f"figures/{f.stem}.{fmt}" for fmt in ("svg", "png", *vector[1:])}
                 f.width, f.height = display_size(f.drawing)
-            for f in figs:  # the worker draws the charts while this process draws the boards
-                if worker is not None and not is_canvas(f.drawing):
-                    worker.draw_png(f.drawing, tmp / f.files["png"])
-                else:
-                    save(f, tmp / "figures" / f.stem, ("png",))
+            for f in figs:
+                save(f, tmp / "figures" / f.stem, ("png",))
         meta["files"] = report_files(opts, sections) + (
             sorted(f"sae/{p.name}" for p in sae_dir.iterdir() if p.is_file()) if sae_dir else [])
         meta["cache_key"] = key
@@ -381,7 +385,7 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
                 pass
         staged.abort()
         raise
-    return PendingReport(staged, opts, timer, worker)
+    return PendingReport(staged, opts, timer, worker, (first_job, worker.sent) if worker is not None else (0, 0))
 
 
 def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOptions, params: dict,

@@ -185,10 +185,6 @@ def mpl_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4,
     return fig, axes
 
 
-def is_canvas(drawing) -> bool:
-    return isinstance(drawing, Canvas)
-
-
 def display_size(drawing) -> tuple[int, int]:
     """Width and height in CSS px at which a figure is shown (its SVG's natural size)."""
     if isinstance(drawing, Canvas):

@@ -178,23 +178,14 @@ def _serve() -> None:
 
     threading.Thread(target=read, daemon=True).start()
     import weasyprint  # noqa: F401  (imported while the parent loads and runs the model)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from .figures import mpl_figure, save_mpl
-
-    # Warm-up while the parent is still busy: the first PDF and the first chart a process makes pay for
-    # font loading, cffi type parsing and stylesheet set-up; done here, the report's own jobs do not.
-    fig, ax = mpl_figure(1, 1, (1, 1))
-    ax[0][0].set_title("0.5")
-    FigureCanvasAgg(fig).draw()
+    # Warm-up while the parent is still busy: the first PDF a process makes pays for font loading, cffi
+    # type parsing and stylesheet set-up; done here, the reports' own PDFs do not.
     _warm_up_pdf()
     while (job := jobs.get()) is not None:
         t0 = time.perf_counter()
         try:
-            if job[0] == "png":
-                save_mpl(job[1], Path(job[2]), "png")
-            else:
-                write_pdf(job[1], Path(job[2]), Path(job[3]))
+            write_pdf(*job)
             result = ("ok", time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
             result = ("error", f"{type(e).__name__}: {e}")
@@ -203,10 +194,11 @@ def _serve() -> None:
 
 
 class RenderWorker:
-    """A second process for the raster work: it imports WeasyPrint (and matplotlib) while the parent
-    loads and runs the model, draws the matplotlib charts' PNGs while the parent draws the boards, then
-    lays out the PDF while the parent writes SVGs, data and HTML. Jobs run in the order sent, so a PDF
-    job sent after PNG jobs sees their files; `wait` collects the results.
+    """A second process for the PDF layout: it imports WeasyPrint while the parent loads and runs the
+    model, then lays out one report's PDF while the parent writes that report's SVGs, data and HTML and
+    goes on to the next checkpoint. Jobs run in the order sent; each has a number (`sent` counts them),
+    and `wait(upto)` collects the results of the jobs before `upto`, so the parent can collect one report
+    while the worker is already busy with the next.
 
     A plain subprocess, not multiprocessing: spawn would re-import the caller's __main__ module (a
     training script calling reportgen.build), and fork would copy a process holding torch's threads."""
@@ -216,7 +208,8 @@ class RenderWorker:
 
         self._proc = subprocess.Popen([sys.executable, "-m", "reportgen.render"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE)
-        self._pending = 0
+        self.sent = 0
+        self._results: list[tuple[str, object]] = []  # (status, seconds or error) of each job, in order
 
     def _send(self, job: tuple) -> None:
         import pickle
@@ -228,36 +221,30 @@ class RenderWorker:
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise ReportgenError("the render worker process died (use --format html to skip the PDF)") from None
-        self._pending += 1
-
-    def draw_png(self, figure, path: Path) -> None:
-        """PNG of a matplotlib figure (sent pickled), written to path."""
-        self._send(("png", figure, str(path)))
+        self.sent += 1
 
     def write_pdf(self, html: str, base_dir: Path, path: Path) -> None:
-        self._send(("pdf", html, str(base_dir), str(path)))
+        """PDF of an HTML page whose figure PNGs lie under base_dir (and are written before this is sent)."""
+        self._send((html, Path(base_dir), Path(path)))
 
-    def wait(self) -> float:
-        """Block until every job sent is done; returns the worker's time on them."""
+    def wait(self, upto: int | None = None, since: int = 0) -> float:
+        """Block until the jobs before number `upto` (all sent, by default) are done; raise the first
+        failure among jobs since..upto, else return the worker's time on them."""
         import pickle
 
         from .errors import ReportgenError
 
-        total, error = 0.0, None
-        while self._pending:
-            self._pending -= 1
+        upto = self.sent if upto is None else upto
+        while len(self._results) < upto:
             try:
-                status, value = pickle.load(self._proc.stdout)
+                self._results.append(pickle.load(self._proc.stdout))
             except (EOFError, OSError, pickle.UnpicklingError):
-                self._pending = 0
                 raise ReportgenError("the render worker process died (use --format html to skip the PDF)") from None
-            if status == "ok":
-                total += value
-            elif error is None:
-                error = value
+        mine = self._results[since:upto]
+        error = next((value for status, value in mine if status != "ok"), None)
         if error is not None:
             raise ReportgenError(f"rendering failed: {error}")
-        return total
+        return sum(value for _, value in mine)
 
     def close(self) -> None:
         try:

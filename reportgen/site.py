@@ -171,7 +171,7 @@ def trend_figure(reports: list[dict]):
         "denominator, or none solved."), fig, alt="Metrics across training steps")
 
 
-def write_run_overview(out: Path, run: str, reports: list[dict], version: str, pdf: bool = False) -> None:
+def write_run_overview(out: Path, run: str, reports: list[dict], version: str, pdf: bool = False, worker=None) -> None:
     """<run>/index.html (and overview.pdf): every checkpoint's metrics, their trend, and the analyses' run figures."""
     import analyses
 
@@ -213,16 +213,21 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str, p
         from .render import source_date, write_pdf
 
         tmp = folder / ".overview.pdf.tmp"
-        write_pdf(render("run.html", src={f.stem: f.files["png"] for f in figs}, links=False, has_pdf=False,
-                         pdf_date=source_date(), **ctx), folder, tmp)
+        page = render("run.html", src={f.stem: f.files["png"] for f in figs}, links=False, has_pdf=False,
+                      pdf_date=source_date(), **ctx)
+        if worker is not None:  # a RenderWorker: WeasyPrint is already imported and warm there
+            worker.write_pdf(page, folder, tmp)
+            worker.wait()
+        else:
+            write_pdf(page, folder, tmp)
         tmp.replace(folder / "overview.pdf")
     elif (folder / "overview.pdf").exists():  # an older overview's PDF would show stale metrics
         (folder / "overview.pdf").unlink()
 
 
-def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pdf: bool = False) -> None:
+def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pdf: bool = False, worker=None) -> None:
     """The site index, manifest, summary, 404 and .nojekyll; the overview of every run in `changed_runs`
-    (all runs when None) and of every run that has none yet."""
+    (all runs when None) and of every run that has none yet. `worker`: a RenderWorker for the overviews' PDFs."""
     from .render import render
 
     reports = collect_reports(out)
@@ -236,7 +241,7 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pd
                                                 columns=columns))
     for run, rs in runs.items():
         if changed_runs is None or run in changed_runs or not (out / run / "index.html").is_file():
-            write_run_overview(out, run, rs, version, pdf)
+            write_run_overview(out, run, rs, version, pdf, worker)
     write_atomic(out / "404.html", render("404.html", version=version))
     write_atomic(out / "summary.md", f"## reportgen: {len(reports)} report(s)\n\n" + summary_markdown(runs))
     (out / ".nojekyll").touch()

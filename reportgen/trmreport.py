@@ -11,7 +11,7 @@ from .build import BuildOptions, Job, Timer, _log, _progress, write_report
 from .errors import ReportgenError
 
 
-def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None, previous=None):
+def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None):
     import analyses
 
     from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
@@ -55,7 +55,7 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
 
     meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
     ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
-    return write_report(job, opts, meta, ctx, trace, sections, timer, worker, previous=previous)
+    return write_report(job, opts, meta, ctx, trace, sections, timer, worker)
 
 
 def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:

@@ -370,13 +370,37 @@ def test_parallel_jobs_write_the_same_site(tiny_run, tmp_path):
     assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
 
 
-def test_parallel_jobs_report_a_failing_checkpoint_in_one_line(good, tmp_path):
+def test_parallel_jobs_write_the_same_pdfs(tiny_run, tmp_path):
+    """--jobs 2 with PDFs, figure PDFs and self-contained pages: the site is byte-identical to a --jobs 1
+    build's (each process lays out its own PDFs)."""
+    args = ["--ckpt", tiny_run["run"], "--data", tiny_run["data"], "--samples", 2, "--figure-formats", "svg,png,pdf"]
+    assert build(*args, "--out", tmp_path / "one").exit_code == 0
+    r = build(*args, "--out", tmp_path / "two", "--jobs", 2, "--self-contained")
+    assert r.exit_code == 0, r.output
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert sorted(set(two) - set(one)) == [Path("tiny-run/step_100/report.html"), Path("tiny-run/step_200/report.html")]
+    assert len([p for p in one if p.name == "report.pdf"]) == 2 and Path("tiny-run/overview.pdf") in one
+    assert len([p for p in one if p.suffix == ".pdf" and p.parent.name == "figures"]) > 10
+    differ = [str(p) for p in one if (tmp_path / "one" / p).read_bytes() != (tmp_path / "two" / p).read_bytes()]
+    # only what lists the files and the cache key (--self-contained is an input)
+    assert differ == ["manifest.json", str(Path("tiny-run/data/overview.json"))] + [
+        str(Path(f"tiny-run/step_{n}/data/report.json")) for n in (100, 200)]
+    assert "data:image/svg+xml" in (tmp_path / "two" / "tiny-run" / "step_200" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("formats", ["html", "html,pdf"])
+def test_parallel_jobs_report_a_failing_checkpoint_in_one_line(good, tmp_path, formats):
     ckpt, data = good
     save_upstream(make_model(3), ckpt.parent, 6, str(data), write_config=False)
     (ckpt.parent / "step_9").write_bytes(b"PK\x03\x04 truncated")
     out = tmp_path / "o"
-    bad(["--ckpt", ckpt.parent, "--data", data, "--samples", 2, "--jobs", 2], out, r"step_9: not a readable PyTorch checkpoint")
-    assert [r["name"] for r in json.loads((out / "manifest.json").read_text())["reports"]] == ["step_5", "step_6"]
+    bad(["--ckpt", ckpt.parent, "--data", data, "--samples", 2, "--jobs", 2, "--format", formats], out,
+        r"step_9: not a readable PyTorch checkpoint")
+    reports = json.loads((out / "manifest.json").read_text())["reports"]
+    assert [r["name"] for r in reports] == ["step_5", "step_6"]
+    assert all(("report.pdf" in r["files"]) == ("pdf" in formats) for r in reports)
+    assert all((out / r["path"] / f).is_file() for r in reports for f in r["files"])
 
 
 def test_submitit_executor_builds_one_job_per_checkpoint(tiny_run, tmp_path):
