@@ -52,7 +52,8 @@ def main():
 @click.option("--self-contained", "self_contained", is_flag=True,
               help="Also write report.html with figures and styles inlined and no external reference (mail it, open a CI artifact in one click).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Build checkpoints in this many parallel processes.")
+              help="Build checkpoints in this many parallel processes (each also lays out its PDFs in a second "
+              "process, so use up to about half the cores).")
 @click.option("--executor", type=click.Choice(["none", "slurm", "local"]), default="none", show_default=True,
               help="slurm: one SLURM job per checkpoint through submitit (local: the same jobs as local processes); "
               "the site index is written when all finish.")
