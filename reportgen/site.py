@@ -128,18 +128,21 @@ def metric_keys(runs: dict[str, list[dict]]) -> list[str]:
 
 
 def summary_markdown(runs: dict[str, list[dict]]) -> str:
-    """A markdown table of every report's headline metrics (fit for $GITHUB_STEP_SUMMARY)."""
-    keys = metric_keys(runs)
-    lines = ["| run | checkpoint | " + " | ".join(METRIC_LABELS[k][0] for k in keys) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in keys) + " |"]
+    """Markdown tables of every report's headline metrics, one per run with that run's metrics (fit for
+    $GITHUB_STEP_SUMMARY)."""
+    parts = []
     for run, reports in runs.items():
+        keys = metric_keys({run: reports})
+        lines = [f"### {run}", "", "| checkpoint | " + " | ".join(METRIC_LABELS[k][0] for k in keys) + " |",
+                 "| --- | " + " | ".join("---:" for _ in keys) + " |"]
         for r in reports:
             cells = []
             for k in keys:
                 v = r["metrics"].get(k)
                 cells.append("–" if v is None else f"{100 * v:.1f}%" if METRIC_LABELS[k][1] == "pct" else f"{v:.2f}")
-            lines.append(f"| {run} | [{r['name']}]({r['path']}index.html) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            lines.append(f"| [{r['name']}]({r['path']}index.html) | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def trend_figure(reports: list[dict]):

@@ -109,8 +109,9 @@ def test_site_index_and_manifest_keep_every_report(site, tiny_run):
     assert m["blank_accuracy"] == st["summary"]["blank_accuracy"]
     assert f"{100 * m['blank_accuracy']:.1f}%" in index
     summary = (out / "summary.md").read_text().splitlines()
-    rows = [ln for ln in summary if ln.startswith("| tiny-run |")]
-    assert len(rows) == 2 and "[step_100](tiny-run/step_100/index.html)" in rows[0]
+    assert "### tiny-run" in summary and summary[summary.index("### tiny-run") + 2].startswith("| checkpoint | blank-cell acc. |")
+    rows = [ln for ln in summary if ln.startswith("| [step_")]
+    assert len(rows) == 2 and rows[0].startswith("| [step_100](tiny-run/step_100/index.html) |")
     assert f"| {100 * m['blank_accuracy']:.1f}% |" in rows[0]
     assert (out / "404.html").is_file() and "Not found" in (out / "404.html").read_text()
 

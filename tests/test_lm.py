@@ -273,6 +273,8 @@ def test_lm_build_end_to_end(lm_run, tmp_path):
     assert pred["task"] == "masked" and all(row["masked"] == "[MASK]" for row in pred["rows"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["reports"]) == 2
+    summary = (out / "summary.md").read_text()  # the run's own metrics only, none of a TRM's
+    assert "### lm-run" in summary and "| checkpoint | loss (nats) | masked acc." in summary and "blank-cell" not in summary
 
 
 @pytest.mark.parametrize("case,needle", [
