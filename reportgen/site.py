@@ -167,7 +167,9 @@ def trend_figure(reports: list[dict]):
     a.legend(loc="best")
     ys = [r["metrics"].get("mean_steps_to_first_correct") for r in pts]
     b.plot(steps, [float("nan") if v is None else v for v in ys], marker="s", ms=3, color=ACCENT)
-    b.set(xlabel="training step", ylabel="ACT steps", title="(b) mean steps to the first correct board")
+    b.set(xlabel="training step", ylabel="ACT steps", title="(b) mean steps to the first correct board",
+          ylim=(0, 1.15 * max([v for v in ys if v is not None], default=1)),  # from 0: a flat line reads as flat
+          xlim=a.get_xlim())  # the same steps as (a), also where no puzzle was solved yet
     return Figure("trend-metrics", (
         "Headline metrics of each checkpoint's report against its training step, over the puzzles each report ran "
         "(after the last ACT step). Dotted: halting precision and recall of q_halt > 0; gaps: no puzzle in the "
