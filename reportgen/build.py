@@ -241,7 +241,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
         # Reports written but not yet installed, oldest first. The worker lays out one report's PDF while
         # this process builds the next; that one is installed once the next has been handed over.
         pending: list[PendingReport] = []
-        failed = False
+        failed = interrupted = False
         try:
             for i, job in todo:
                 _log(opts, f"[{i}/{len(refs)}] {job.ref.path}")
@@ -250,17 +250,28 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
                     folders.append(pending.pop(0).finish())  # (its PDF is usually done by now)
             while pending:
                 folders.append(pending.pop(0).finish())
-        except BaseException:
+        except BaseException as e:
             failed = True
-            for p in pending:  # a complete earlier report is still installed
-                if not p.done:
-                    try:
-                        folders.append(p.finish())
-                    except Exception:  # noqa: BLE001 - its own failure is secondary to the one being raised
-                        p.abort()
+            if isinstance(e, KeyboardInterrupt):  # stop now: the reports not yet installed are dropped
+                interrupted = True
+                if worker is not None:
+                    worker.close(kill=True)
+                    worker = None
+            for p in pending:  # otherwise a complete earlier report is still installed
+                if p.done:
+                    continue
+                if interrupted:
+                    p.abort()
+                    continue
+                try:
+                    folders.append(p.finish())
+                except Exception:  # noqa: BLE001 - its own failure is secondary to the one being raised
+                    p.abort()
             raise
         finally:
-            if folders and opts.write_index:  # also after a later checkpoint failed: it lists the reports written
+            # also after a later checkpoint failed (it lists the reports written); not after Ctrl-C (the next
+            # build, even one with nothing to rebuild, writes it)
+            if folders and opts.write_index and not interrupted:
                 with timer("site"):
                     from .site import write_site
 

@@ -119,5 +119,5 @@ def build(ckpts, data, split, samples, select, seed, device, dtype, only, format
         click.echo(f"reportgen: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("reportgen: interrupted; finished reports are kept, the unfinished one was discarded", err=True)
+        click.echo("reportgen: interrupted; finished reports are kept, unfinished ones were discarded", err=True)
         sys.exit(130)

@@ -163,6 +163,9 @@ def _serve() -> None:
     import threading
     import time
 
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the result stream
     sys.stdout = sys.stderr
@@ -246,7 +249,12 @@ class RenderWorker:
             raise ReportgenError(f"rendering failed: {error}")
         return sum(value for _, value in mine)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Wait for the jobs sent, then end the process; `kill`: end it now (the build was interrupted)."""
+        if kill:
+            self._proc.kill()
+            self._proc.wait()
+            return
         try:
             self.wait()
         except Exception:  # noqa: BLE001 - closing after a failure: the first error was already raised

@@ -262,6 +262,40 @@ def test_killed_build_leaves_the_previous_report_whole(good, tmp_path):
     assert [p.name for p in rep.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_ctrl_c_stops_at_once_and_keeps_every_report_whole(good, tmp_path):
+    """SIGINT to the process group (Ctrl-C) while a PDF is being laid out: exit 130 with one line, the render
+    worker is stopped, the reports not yet installed are dropped and every report folder is whole."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ckpt, data = good
+    for step in (6, 7):
+        save_upstream(make_model(step), ckpt.parent, step, str(data), write_config=False)
+    out = tmp_path / "o"
+    assert build("--ckpt", ckpt.parent, "--data", data, "--out", out, "--samples", 2).exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "reportgen", "build", "--ckpt", str(ckpt.parent), "--data", str(data),
+                             "--out", str(out), "--samples", "3"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stderr:  # step_5 is handed to the render worker, step_6 is being probed
+        lines.append(line)
+        if line.startswith("[2/3]"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, "".join(lines) + rest
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("reportgen: interrupted")
+    run = out / "run"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step_")) == ["step_5", "step_6", "step_7"]
+    for rep in run.glob("step_*"):
+        meta = json.loads((rep / "data" / "report.json").read_text())
+        assert all((rep / f).is_file() for f in meta["files"]) and "report.pdf" in meta["files"]
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    assert build("--ckpt", ckpt.parent, "--data", data, "--out", out, "--samples", 3).exit_code == 0
+
+
 def test_same_inputs_same_bytes(site, tiny_run, tmp_path):
     """A second build of the same checkpoint into another folder writes byte-identical files, PDF included."""
     out, rep = site
