@@ -160,10 +160,9 @@ def _serve() -> None:
     A reader thread takes jobs off the pipe as they come, so the parent never blocks while sending."""
     import pickle
     import queue
+    import signal
     import threading
     import time
-
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     out = os.fdopen(os.dup(1), "wb")
