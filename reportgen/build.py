@@ -306,7 +306,8 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
 class PendingReport:
     """A report written into its staged folder whose PDF the render worker may still be laying out."""
 
-    def __init__(self, staged, opts: BuildOptions, timer: Timer, worker, jobs: tuple[int, int] = (0, 0)):
+    def __init__(self, staged, opts: BuildOptions, timer: Timer, worker, jobs: tuple[int, int]):
+        """jobs: the numbers (first, end) of this report's jobs on the worker."""
         self.staged, self.opts, self.timer, self.worker, self.jobs = staged, opts, timer, worker, jobs
         self.done = False
 
@@ -388,15 +389,17 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
             if opts.self_contained:  # one file, no reference outside it: figures as data: URIs, no file links
                 page = render("report.html", src={f.stem: f.files["svg"] for f in figs}, links=False, **ctx)
                 (tmp / "report.html").write_text(inline_images(page, tmp), encoding="utf-8")
-    except BaseException:
-        if worker is not None:
+    except BaseException as e:
+        # the worker may still be writing into the staged folder; after Ctrl-C the caller kills it instead
+        # of waiting (a folder it then leaves is removed by the next build's recover())
+        if worker is not None and not isinstance(e, KeyboardInterrupt):
             try:
-                worker.wait()  # it may still be writing into the staged folder
+                worker.wait()
             except Exception:  # noqa: BLE001
                 pass
         staged.abort()
         raise
-    return PendingReport(staged, opts, timer, worker, (first_job, worker.sent) if worker is not None else (0, 0))
+    return PendingReport(staged, opts, timer, worker, (first_job, worker.sent if worker is not None else 0))
 
 
 def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOptions, params: dict,
