@@ -25,7 +25,8 @@ class BuildOptions:
     out: str = "site"
     data: str | None = None
     split: str = "test"
-    samples: int = 5
+    samples: int = 5  # puzzles / sequences drawn in the figures (metrics run over --eval)
+    eval: str = "all"  # puzzles / sequences the metrics run over: "all" (the whole split, up to the kind's cap) or N
     select: str = "first"
     seed: int = 0
     device: str = "auto"
@@ -45,12 +46,15 @@ class BuildOptions:
     config: str | None = None
     params: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    dpi: int = 200  # PNG resolution of every figure
+    max_memory: str = "2GiB"  # budget for activations and batches beyond the model's weights
     quiet: bool = False
     # language-model checkpoints
     vocab: str | None = None  # vocab file, "bytes", or None (vocab.json beside the checkpoint)
     seq_len: int = 0  # tokens per evaluation sequence; 0: min(128, model context)
     max_seqs: int = 256
     mask_rate: float = 0.15  # share of positions masked for a restoration (bidirectional) model
+    mask_id: int | None = None  # mask token id when neither the config nor the vocabulary names one
     sae: str | None = None  # SAELens SAE folder
     train_sae: int | None = None  # layer whose resid_post an SAE is trained on (with SAELens)
     sae_arch: str = "topk"
@@ -82,6 +86,12 @@ def _validate(opts: BuildOptions):
         raise ReportgenError(f"--dtype must be float32 or config, not {opts.dtype!r}")
     if opts.samples < 1:
         raise ReportgenError(f"--samples must be at least 1, not {opts.samples}")
+    eval_count(opts)
+    memory_budget(opts)
+    if not 50 <= opts.dpi <= 1200:
+        raise ReportgenError(f"--dpi must be between 50 and 1200, not {opts.dpi}")
+    if opts.mask_id is not None and opts.mask_id < 0:
+        raise ReportgenError(f"--mask-id must be a token id >= 0, not {opts.mask_id}")
     if not 0 < opts.mask_rate < 1:
         raise ReportgenError(f"--mask-rate must be between 0 and 1, not {opts.mask_rate}")
     if opts.seq_len < 0 or opts.max_seqs < 1:
@@ -109,6 +119,38 @@ def _validate(opts: BuildOptions):
 
     toml, toml_path = read_toml(opts.config)
     return analysis_params(analyses.REGISTRY, toml, toml_path, opts.params)
+
+
+def eval_count(opts: BuildOptions) -> int | None:
+    """--eval as a number of puzzles / sequences, or None for "all" (the kind applies its cap)."""
+    v = str(opts.eval).strip().lower()
+    if v == "all":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise ReportgenError(f"--eval takes a number of puzzles/sequences or 'all', not {opts.eval!r}") from None
+    if n < 1:
+        raise ReportgenError(f"--eval must be at least 1 (or 'all'), not {n}")
+    return n
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9,
+          "gib": 2**30}
+
+
+def memory_budget(opts: BuildOptions) -> int:
+    """--max-memory in bytes ("2GiB", "1.5GB", "800MiB", a plain number of bytes)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(opts.max_memory))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ReportgenError(f"--max-memory takes a size such as 2GiB, 1500MB or 800MiB, not {opts.max_memory!r}")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 64 * 2**20:
+        raise ReportgenError(f"--max-memory must be at least 64MiB, not {opts.max_memory!r}")
+    return n
 
 
 def resolve_data(opts: BuildOptions, run_config: dict, ckpt: Path) -> tuple[Path, str]:
@@ -419,7 +461,7 @@ def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOpt
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    fields = {k: getattr(opts, k) for k in ("split", "samples", "select", "seed", "device", "dtype", "only", "formats",
+    fields = {k: getattr(opts, k) for k in ("split", "samples", "eval", "select", "seed", "device", "dtype", "only", "dpi", "formats",
                                              "figure_formats", "self_contained")}
     from .lmreport import LM_OPTION_FIELDS
 

@@ -26,7 +26,43 @@ def main():
     """
 
 
-@main.command()
+# `reportgen build --help` in sections, each with an example
+HELP_SECTIONS = (
+    ("Inputs", ("ckpts", "data", "config", "params", "only"),
+     "reportgen build --ckpt checkpoints/run/ --out site/ --param sudoku_latents.method=cosine"),
+    ("Evaluation", ("eval_", "samples", "select", "seed", "device", "dtype", "threads", "max_memory"),
+     "reportgen build --ckpt run/step_65100 --data data/sudoku-extreme --eval all --samples 8 --device cuda"),
+    ("TRM (Sudoku)", ("split",),
+     "reportgen build --ckpt run/step_65100 --data data/sudoku-extreme-1k-aug-1000 --split test"),
+    ("Language models and SAEs", ("vocab", "seq_len", "max_seqs", "mask_rate", "mask_id", "sae", "train_sae",
+                                  "sae_arch", "sae_tokens", "trust_checkpoint"),
+     "reportgen build --ckpt model.pt --data eval.txt --vocab vocab.json --mask-id 4 --sae sae/blocks.2.hook_resid_post"),
+    ("Output", ("out", "formats", "figure_formats", "dpi", "self_contained", "force"),
+     "reportgen build --ckpt run/ --out site/ --format html,pdf --figure-formats svg,png,pdf --dpi 300"),
+    ("Cluster and parallel builds", ("jobs", "executor", "slurm_partition", "slurm_gpus", "slurm_time", "slurm_cpus"),
+     "reportgen build --ckpt 'runs/*/step_*' --executor slurm --slurm-partition gpu --slurm-gpus 1"),
+)
+
+
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in HELP_SECTIONS, each section with an example."""
+
+    def format_options(self, ctx, formatter):
+        by_name = {p.name: p for p in self.get_params(ctx)}
+        shown = set()
+        for title, names, example in HELP_SECTIONS:
+            rows = [r for n in names if n in by_name and (r := by_name[n].get_help_record(ctx))]
+            shown.update(names)
+            with formatter.section(title):
+                formatter.write_dl(rows)
+                formatter.write(f"\n{'':{formatter.current_indent}}e.g. {example}\n")
+        rest = [r for p in self.get_params(ctx) if p.name not in shown and (r := p.get_help_record(ctx))]
+        if rest:
+            with formatter.section("Other"):
+                formatter.write_dl(rest)
+
+
+@main.command(cls=SectionedCommand)
 @click.option("--ckpt", "ckpts", multiple=True, required=True, metavar="PATH",
               help="A checkpoint file (TRM step_N, or a language model .pt), a run folder (every step_N in it) or a glob. Repeatable.")
 @click.option("--data", metavar="PATH", help="TRM: dataset folder in the upstream layout. Language models: a UTF-8 "
@@ -34,10 +70,15 @@ def main():
               "[default: all_config.yaml's data_paths, resolved against the working directory]")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
               help="Dataset split to draw puzzles from.")
-@click.option("--samples", type=int, default=5, show_default=True, help="Number of puzzles to run and report.")
+@click.option("--samples", type=int, default=5, show_default=True,
+              help="Puzzles (TRM) drawn in the figures; metrics are computed over --eval.")
+@click.option("--eval", "eval_", default="all", show_default=True, metavar="N|all",
+              help="Puzzles or sequences the metrics are computed over: the whole split / --data (up to a cap the "
+              "report states), or the first N.")
 @click.option("--select", type=click.Choice(["first", "random"]), default="first", show_default=True,
               help="Take the first N puzzles of the split, or N at random (see --seed).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --select random.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for --select random and for the positions a masked language model sees masked.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto uses CUDA when present.")
 @click.option("--dtype", type=click.Choice(["float32", "config"]), default="float32", show_default=True,
@@ -66,12 +107,16 @@ def main():
               help="--executor slurm/local: CPUs per job (also its torch threads).")
 @click.option("--no-index", "no_index", is_flag=True, hidden=True)
 @click.option("--force", is_flag=True, help="Rebuild reports whose inputs have not changed (they are skipped otherwise).")
+@click.option("--dpi", type=click.IntRange(50, 1200), default=200, show_default=True,
+              help="Resolution of the PNG figures (the PDF embeds them).")
 @click.option("--out", default="site", show_default=True, metavar="DIR", help="Output (site) folder.")
 @click.option("--config", metavar="FILE", help="reportgen.toml with a table per analysis [default: ./reportgen.toml if present].")
 @click.option("--param", "params", multiple=True, metavar="A.KEY=VALUE",
               help="Analysis parameter, e.g. sudoku_latents.method=cosine. Repeatable; wins over --config.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="CPU threads for torch (0: torch's default). 1 is fastest for small models on a busy machine.")
+@click.option("--max-memory", "max_memory", default="2GiB", show_default=True, metavar="SIZE",
+              help="Memory for activations and batches beyond the model's weights (e.g. 1GiB, 800MB).")
 @click.option("--vocab", metavar="FILE|bytes", help="Language models: token strings (JSON id -> string), or 'bytes' "
               "for byte-level ids. [default: vocab.json beside the checkpoint, else #id]")
 @click.option("--seq-len", "seq_len", type=click.IntRange(min=0), default=0, show_default=True,
@@ -80,6 +125,8 @@ def main():
               help="Language models: evaluation sequences read from --data.")
 @click.option("--mask-rate", "mask_rate", type=float, default=0.15, show_default=True,
               help="Masked (restoration) models: share of positions replaced by the mask token (seeded by --seed).")
+@click.option("--mask-id", "mask_id", type=click.IntRange(min=0), metavar="ID",
+              help="Masked models: the mask token id, when neither the config (mask_token_id) nor the vocabulary names one.")
 @click.option("--sae", metavar="DIR", help="An SAE in SAELens' on-disk layout (cfg.json + sae_weights.safetensors).")
 @click.option("--train-sae", "train_sae", type=int, metavar="LAYER",
               help="Train an SAE with SAELens on blocks.LAYER.hook_resid_post of the evaluation data; saved in the report's sae/.")
@@ -92,7 +139,7 @@ def main():
 @click.option("--timings", is_flag=True, help="Print the time spent per phase as JSON on stderr at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
-def build(ckpts, data, split, samples, select, seed, device, dtype, only, formats, figure_formats, self_contained, jobs, no_index, force, out,
+def build(ckpts, data, split, samples, eval_, dpi, max_memory, mask_id, select, seed, device, dtype, only, formats, figure_formats, self_contained, jobs, no_index, force, out,
           config, params, threads, vocab, seq_len, max_seqs, mask_rate, sae, train_sae, sae_arch, sae_tokens,
           trust_checkpoint, executor, slurm_partition, slurm_gpus, slurm_time, slurm_cpus, timings, quiet, debug):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
@@ -102,7 +149,8 @@ def build(ckpts, data, split, samples, select, seed, device, dtype, only, format
         from .build import BuildOptions, Timer, run_build
 
         timer = Timer()
-        run_build(BuildOptions(ckpts=list(ckpts), out=out, data=data, split=split, samples=samples, select=select,
+        run_build(BuildOptions(ckpts=list(ckpts), out=out, data=data, split=split, samples=samples, eval=eval_,
+                               dpi=dpi, max_memory=max_memory, mask_id=mask_id, select=select,
                                seed=seed, device=device, dtype=dtype, only=only, formats=formats or [], figure_formats=figure_formats or [], self_contained=self_contained, jobs=jobs, write_index=not no_index, force=force,
                                config=config, params=list(params), threads=threads, quiet=quiet, vocab=vocab,
                                seq_len=seq_len, max_seqs=max_seqs, mask_rate=mask_rate, sae=sae, train_sae=train_sae,

@@ -79,7 +79,8 @@ def child_args(opts: BuildOptions, ckpts: list[str], threads: int) -> list[str]:
     args = [sys.executable, "-m", "reportgen", "build", "--out", opts.out, "--split", opts.split, "--samples",
             str(opts.samples), "--select", opts.select, "--seed", str(opts.seed), "--device", opts.device, "--dtype",
             opts.dtype, "--format", ",".join(opts.formats), "--figure-formats", ",".join(opts.figure_formats),
-            "--threads", str(threads), "--no-index"]
+            "--threads", str(threads), "--eval", str(opts.eval), "--dpi", str(opts.dpi), "--max-memory",
+            str(opts.max_memory), "--no-index"]
     for c in ckpts:
         args += ["--ckpt", c]
     for flag, value in (("--data", opts.data), ("--only", ",".join(opts.only or [])), ("--config", opts.config)):
@@ -89,7 +90,8 @@ def child_args(opts: BuildOptions, ckpts: list[str], threads: int) -> list[str]:
         args += ["--param", p]
     args += ["--seq-len", str(opts.seq_len), "--max-seqs", str(opts.max_seqs), "--mask-rate", str(opts.mask_rate),
              "--sae-arch", opts.sae_arch, "--sae-tokens", str(opts.sae_tokens)]
-    for flag, value in (("--vocab", opts.vocab), ("--sae", opts.sae), ("--train-sae", opts.train_sae)):
+    for flag, value in (("--vocab", opts.vocab), ("--sae", opts.sae), ("--train-sae", opts.train_sae),
+                        ("--mask-id", opts.mask_id)):
         if value is not None:
             args += [flag, str(value)]
     args += [f for f, on in (("--self-contained", opts.self_contained), ("--force", opts.force), ("-q", opts.quiet),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import ReportgenError
 
-LM_OPTION_FIELDS = ("vocab", "seq_len", "max_seqs", "mask_rate", "sae", "train_sae", "sae_arch", "sae_tokens",
+LM_OPTION_FIELDS = ("vocab", "seq_len", "max_seqs", "mask_rate", "mask_id", "sae", "train_sae", "sae_arch", "sae_tokens",
                     "samples", "seed", "trust_checkpoint")
 
 

@@ -1,0 +1,73 @@
+"""Headline numbers with their n and a 95% interval.
+
+Every metric a report states (on its page, in report.json, manifest.json and summary.md) is a dict made
+here: {"value", "n", "lo", "hi", "interval"}; `interval` names the method ("wilson" for a proportion of n
+trials, "bootstrap" for a mean of n values, "none" where no interval applies, e.g. a count).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def metric(value, n: int, lo=None, hi=None, interval: str = "none") -> dict:
+    f = (lambda v: None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v))
+    return {"value": f(value), "n": int(n), "lo": f(lo), "hi": f(hi), "interval": interval}
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (n > 0)."""
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def proportion(k: int, n: int) -> dict:
+    """k successes of n trials, with the Wilson interval; value None when n is 0."""
+    k, n = int(k), int(n)
+    if n == 0:
+        return metric(None, 0, interval="wilson")
+    lo, hi = wilson(k, n)
+    return metric(k / n, n, lo, hi, "wilson")
+
+
+def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of the values with a percentile bootstrap 95% interval (fixed seed: same inputs, same bytes)."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return metric(None, 0, interval="bootstrap")
+    if x.size == 1:
+        return metric(x[0], 1, interval="bootstrap")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for i in range(0, n_boot, 200):  # in chunks: bounded memory for large n
+        m = min(200, n_boot - i)
+        means[i:i + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return metric(x.mean(), x.size, lo, hi, "bootstrap")
+
+
+def value(m):
+    """The number of a metric dict (or a bare number from an older report.json)."""
+    return m.get("value") if isinstance(m, dict) else m
+
+
+def fmt(m, kind: str = "num", ci: bool = True) -> str:
+    """'67.0% [64.2, 69.7] (n=16200)' for a pct metric; '1.23 [1.18, 1.29] (n=512)' for a num."""
+    v = value(m)
+    if v is None:
+        return "–"
+    pct = kind == "pct"
+    s = f"{100 * v:.1f}%" if pct else f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.2f}"
+    if ci and isinstance(m, dict) and m.get("lo") is not None:
+        lo, hi = (100 * m["lo"], 100 * m["hi"]) if pct else (m["lo"], m["hi"])
+        s += f" [{lo:.1f}, {hi:.1f}]" if pct else f" [{lo:.3g}, {hi:.3g}]"
+    if isinstance(m, dict) and m.get("n") is not None:
+        s += f" (n={m['n']})"
+    return s
