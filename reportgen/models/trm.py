@@ -5,6 +5,11 @@ Parameter and buffer names match the upstream `TinyRecursiveReasoningModel_ACTV1
 (see shared/specs/trm.md §2-3). Shapes in comments: B batch, S cells (81), P prefix positions,
 L = P + S, D hidden, H heads, d = D / H, V vocab, I SwiGLU width.
 
+With forward_dtype bfloat16 (or float16) it casts where upstream casts (spec §2.1): float32 master
+weights cast to the input's dtype at every linear layer, activations, residual sums and carries in
+that dtype, rms_norm and RoPE in float32 cast back, q logits cast to float32. On the same CPU this
+gives upstream's own bfloat16 forward bit for bit (tests/test_trm_bf16.py).
+
 The model is differentiable (examples/sudoku/train.py trains it), but reportgen itself only runs
 it under `torch.inference_mode()` through `TRM.act_step`.
 """
