@@ -52,6 +52,14 @@ def mix(c1: str, c2: str, t: float) -> str:
     return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(a, b))
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def power_of_ten(e: int) -> str:
+    """A tick label 10ᵉ with a real superscript exponent (Unicode superscripts: text in SVG, PNG and PDF alike)."""
+    return "1" if e == 0 else "10" if e == 1 else "10" + str(int(e)).translate(_SUPERSCRIPT)
+
+
 @lru_cache(maxsize=1024)
 def _rgb(c: str) -> tuple[int, int, int]:
     return tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
