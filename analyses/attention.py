@@ -146,7 +146,7 @@ def _image(ax, pattern, scale: str, causal: bool):
 
 def _bar(fig, im, x: float, y: float, h: float, W: float, H: float, label: str | None, size: float = 6):
     """A colour bar at (x, y) inches from the figure's bottom left, h inches tall."""
-    cax = fig.add_axes((x / W, y / H, BAR_W / W, h / H))
+    cax = fig.add_axes((x / W, y / H, BAR_W / W, h / H), label="colour bar")
     cb = fig.colorbar(im, cax=cax)
     cax.grid(False)
     cax.tick_params(labelsize=size, length=2, pad=1)

@@ -165,6 +165,17 @@ def sae_source(info: dict | None, ref) -> dict | None:
     return {**info, "trained_on_this": same}
 
 
+def sae_note(sae: dict | None, here: str) -> str | None:
+    """The page's note when the SAE comes from another checkpoint, or does not say where it comes from."""
+    if not sae or sae.get("trained_on_this"):
+        return None
+    if sae["trained_on_this"] is False:
+        return (f"The SAE ({sae['folder']}) was trained on {sae['trained_on']}, a different checkpoint: its features "
+                f"describe that checkpoint's activations and are applied here to {here}.")
+    return (f"The SAE ({sae['folder']}) does not record which model it was trained on (no model_name in its cfg.json); "
+            f"it may come from a different checkpoint than {here}.")
+
+
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -188,14 +199,7 @@ def lm_context(meta: dict, prepared: dict) -> dict:
            f"{Path(meta['dataset']['path']).name}}}\n}}")
     shapes = {"tokens": tr.tokens.shape, "inputs": tr.inputs.shape, "scored": tr.scored.shape, "targets": tr.targets.shape,
               **{k: v.shape for k, v in tr.arrays.items()}}
-    notes = list(s.notes)
-    sae = meta["sae"]
-    if sae and sae["trained_on_this"] is False:
-        notes.append(f"The SAE ({sae['folder']}) was trained on {sae['trained_on']}, a different checkpoint: its features "
-                     f"describe that checkpoint's activations and are applied here to {meta['run']}/{meta['name']}.")
-    elif sae and sae["trained_on_this"] is None:
-        notes.append(f"The SAE ({sae['folder']}) does not record which model it was trained on (no model_name in its "
-                     f"cfg.json); it may come from a different checkpoint than {meta['run']}/{meta['name']}.")
-    return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": notes,
+    note = sae_note(meta["sae"], f"{meta['run']}/{meta['name']}")
+    return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": s.notes + ([note] if note else []),
             "sections": prepared["sections"], "bibtex": bib, "site_root": "../../",
             "trace_arrays": [(k, list(shapes[k]), d) for k, d in TRACE_ARRAYS.items() if k in shapes]}
