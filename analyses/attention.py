@@ -300,7 +300,7 @@ def figures(data: dict, params: Params) -> list[Figure]:
     ax.axhline(data["thresholds"]["diffuse"], ls="--", lw=0.8, color="#e16f24")
     ax.axhline(data["uniform_entropy"], ls=":", lw=0.8, color="#6e7781")
     ax.set_xticks(x)
-    ax.set_xticklabels([f"L{h['layer']}H{h['head']}" for h in ent], fontsize=5.5, rotation=90)
+    ax.set_xticklabels([f"L{h['layer']}H{h['head']}" for h in ent], fontsize=6, rotation=90)
     ax.set_ylabel("entropy (nats)")
     cap = (f"Attention entropy per head over {data['query_rows']:,} query positions: bar = mean, whisker = min to max. "
            f"Green: focused (mean < {data['thresholds']['focused']}), orange: diffuse (> {data['thresholds']['diffuse']}), "

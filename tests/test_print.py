@@ -196,14 +196,27 @@ def test_sae_trained_on_another_checkpoint_is_stated():
     assert sae_source({"folder": "sae/", "trained_on": "run"}, ref)["trained_on_this"] is True  # --train-sae
 
 
-def test_caption_does_not_end_on_a_lone_word():
-    from reportgen.figures import Figure
-    from reportgen.render import render
+def test_caption_lines_do_not_break_oddly(tmp_path):
+    """The solving-stats caption once printed 'correct' alone on a line (white space before </figcaption>), and a
+    caption's last word could stand alone; laid out by WeasyPrint, every caption line but the last is full."""
+    from pypdf import PdfReader
 
-    f = Figure("x", "Tinted cells equal the target.", None, number=1, stem="s", width=10, height=10)
+    from reportgen.figures import Canvas, Figure
+    from reportgen.render import render, write_pdf
+
+    (tmp_path / "x.png").write_bytes(Canvas(8, 8).png())
+    cap = ("Accuracy and revisions per ACT step over 5 puzzles. (a) Fraction of blank cells predicted correctly and "
+           "fraction of boards fully correct after each step. (b) Mean number of cells whose prediction changed from "
+           "the previous step: a model that has settled stops revising.")
+    f = Figure("x", cap, None, number=11, stem="s", width=8, height=8)
     page = render("run.html", run="r", rows=[], figures=[f], version="0", columns=[], src={"s": "x.png"}, links=False,
                   has_pdf=False)
-    assert "Tinted cells equal the&nbsp;target." in page
+    assert "stops&nbsp;revising.</figcaption>" in page
+    write_pdf(page, tmp_path, tmp_path / "p.pdf")
+    text = PdfReader(tmp_path / "p.pdf").pages[0].extract_text()
+    lines = [ln.strip() for ln in text[text.index("Figure 11."):].splitlines()]
+    lines = lines[:next(i for i, ln in enumerate(lines) if ln.endswith("revising."))  + 1]
+    assert len(lines) >= 2 and all(len(ln.split()) > 3 for ln in lines), lines
 
 
 def test_predictions_table_prints_with_its_header_on_every_page(tmp_path):
