@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reportgen.figures import ACCENT, BAD, INK, MUTED, Canvas, Figure
+from reportgen.figures import ACCENT, BAD, INK, MUTED, Canvas, Figure, power_of_ten
 
 NAME = "sae_features"
 TITLE = "Sparse autoencoder features"
@@ -142,7 +142,7 @@ def figures(data: dict, params: Params) -> list[Figure]:
     for e in range(int(lo), int(hi) + 1):
         x = left + pw * (e - lo) / (hi - lo)
         c.line(x, top + ph, x, top + ph + 4, stroke=INK)
-        c.text(x, top + ph + 12, f"10^{e}" if e else "1", size=9)
+        c.text(x, top + ph + 12, power_of_ten(e), size=9)
     for frac in (0, 0.5, 1):
         y = top + ph * (1 - frac)
         c.line(left - 4, y, left, y, stroke=INK)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reportgen.boards import Cell, board_height, draw_board, given_cell, token_str
+from reportgen.boards import Cell, board_height, draw_board, given_cell, symbol_key, token_str
 from reportgen.figures import ACCENT, BAD, CHANGED, GOOD, INK, Canvas, Figure, mix
 
 NAME = "step_evolution"
@@ -122,15 +122,18 @@ def figures(data: dict, params: Params) -> list[Figure]:
         fh, fc = s["first_halt_step"], s["first_correct_step"]
         verdict = (f"The model's halting signal first fires at step {fh}" if fh else "The halting signal never fires") + (
             f"; the board is first fully correct at step {fc}." if fc else "; the board is never fully correct.")
+        drawing = draw_sample(s, columns=params.columns)
+        key = symbol_key(drawing)
         out.append(Figure(
             key=f"sample-{i}",
             caption=(
                 f"Puzzle {s['puzzle_index']}, predicted board after each of the {data['steps']} ACT steps. "
                 f"Grey cells are givens; blue shading is the cell's confidence (max softmax); yellow outlines mark "
                 f"cells changed since the previous step (Δ counts them); red digits with a corner tick are wrong. "
-                f"Each board's subtitle gives q_halt and the blank-cell accuracy. {verdict}"
+                f"Each board's subtitle gives q_halt and the blank-cell accuracy." + (f" Symbols: {key}." if key else "")
+                + f" {verdict}"
             ),
-            drawing=draw_sample(s, columns=params.columns),
+            drawing=drawing,
             alt=f"Boards per ACT step for puzzle {s['puzzle_index']}",
         ))
     return out

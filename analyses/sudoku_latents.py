@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reportgen.boards import TITLE_H, Cell, board_height, draw_board, given_cell, token_str
+from reportgen.boards import TITLE_H, Cell, board_height, draw_board, given_cell, symbol_key, token_str
 from reportgen.figures import ACCENT, BAD, GIVEN_BG, GOOD, INK, MUTED, Canvas, Figure, mix
 from reportgen.probes import reverse_embed
 
@@ -102,15 +102,18 @@ def figures(data: dict, params: Params) -> list[Figure]:
     how = "largest dot product" if data["method"] == "dot" else "largest cosine similarity"
     for i, s in enumerate(data["samples"]):
         verdict = "solved" if s["solved"] else f"{s['blank_accuracy']:.0%} of {s['blanks']} blanks correct"
+        drawing = draw_sample(s)
+        key = symbol_key(drawing)
         out.append(Figure(
             key=f"sample-{i}",
             caption=(
                 f"Puzzle {s['puzzle_index']} after ACT step {data['step']} ({verdict}). Grey cells are givens. "
                 f"ŷ marks wrong cells in red with a corner tick. z_H and z_L are tokenized by the token with the "
-                f"{how} to each cell's latent vector (· = the blank token); tinted cells equal the target. The last "
+                f"{how} to each cell's latent vector" + (f" ({key})" if key else "")
+                + "; tinted cells equal the target. The last "
                 f"panel colours blanks green (correct) or red (wrong), darker for higher confidence (max softmax)."
             ),
-            drawing=draw_sample(s),
+            drawing=drawing,
             alt=f"Six Sudoku boards for puzzle {s['puzzle_index']}",
         ))
     return out

@@ -302,7 +302,7 @@ def figures(data: dict, params: Params) -> list[Figure]:
     how = METHOD_TEXT.get(cfg["method"], cfg["method"]).format(seed=cfg["seed"])
     cx, cy = cfg["center"]
     named = layout(G)["text"]
-    text = ("Each cell names its top token (␣ space, ↵ newline, ⇥ tab, … cut short)." if named else
+    text = ("Each cell names its top token (␠ space, ␊ newline, ␉ tab, ␍ carriage return, ∅ empty token, … cut short)." if named else
             f"At {G}×{G} the cells are too small to name their tokens: the table lists the most frequent ones and "
             f"the data file all of them.")
     caption = (

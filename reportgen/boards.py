@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from .figures import GIVEN_BG, INK, MUTED, Canvas
 
 TITLE_H = 16  # height reserved above a board for its title line(s)
+# symbols a board may show for a token that is not a digit, and what they mean (for captions)
+SYMBOLS = (("∅", "PAD, the padding token (id 0)"), ("·", "the blank token (id 1)"))
 
 
 def token_str(t: int, blank: str = "") -> str:
@@ -18,6 +20,12 @@ def token_str(t: int, blank: str = "") -> str:
     if t == 1:
         return blank
     return str(t - 1)
+
+
+def symbol_key(canvas: Canvas) -> str:
+    """'∅ = PAD, the padding token (id 0); · = …' for the non-digit symbols drawn on `canvas`; '' when none."""
+    drawn = {it[3] for it in canvas.items if it[0] == "text"}
+    return "; ".join(f"{sym} = {meaning}" for sym, meaning in SYMBOLS if sym in drawn)
 
 
 @dataclass

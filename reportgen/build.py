@@ -403,7 +403,7 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
                 f.files = {fmt: f"figures/{f.stem}.{fmt}" for fmt in ("svg", "png", *vector[1:])}
                 f.width, f.height = display_size(f.drawing)
             for f in figs:
-                save(f, tmp / "figures" / f.stem, ("png",))
+                save(f, tmp / "figures" / f.stem, ("png",), dpi=opts.dpi)
         meta["files"] = report_files(opts, sections) + (
             sorted(f"sae/{p.name}" for p in sae_dir.iterdir() if p.is_file()) if sae_dir else [])
         meta["cache_key"] = key

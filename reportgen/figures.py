@@ -15,7 +15,9 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 FONT_FAMILY = "DejaVu Sans, Verdana, Arial, sans-serif"
-PNG_SCALE = 1.5  # raster pixels per SVG unit
+DPI = 200  # default PNG resolution (--dpi): fit for print
+CSS_DPI = 96  # one SVG unit / CSS px is 1/96 inch
+PNG_SCALE = DPI / CSS_DPI  # raster pixels per SVG unit at the default dpi
 
 # palette shared by boards and plots
 INK = "#1f2328"
@@ -48,6 +50,14 @@ def mix(c1: str, c2: str, t: float) -> str:
     b = [int(c2[i:i + 2], 16) for i in (1, 3, 5)]
     t = min(1.0, max(0.0, float(t)))
     return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(a, b))
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def power_of_ten(e: int) -> str:
+    """A tick label 10ᵉ with a real superscript exponent (Unicode superscripts: text in SVG, PNG and PDF alike)."""
+    return "1" if e == 0 else "10" if e == 1 else "10" + str(int(e)).translate(_SUPERSCRIPT)
 
 
 @lru_cache(maxsize=1024)
@@ -119,9 +129,11 @@ class Canvas:
         out.append("</svg>\n")
         return "\n".join(out)
 
-    def png(self, scale: float = PNG_SCALE) -> bytes:
+    def png(self, dpi: int = DPI) -> bytes:
+        """Raster at `dpi` (the SVG's natural size is 96 units per inch); the PNG records its dpi (pHYs)."""
         from PIL import Image, ImageDraw
 
+        scale = dpi / CSS_DPI
         img = Image.new("RGB", (round(self.width * scale), round(self.height * scale)), _rgb(self.background))
         d = ImageDraw.Draw(img)
         s = scale
@@ -139,7 +151,7 @@ class Canvas:
                 mask, (dx, dy) = _glyphs(text, round(size * s), bold, anchor)
                 img.paste(_rgb(fill), (round(x * s) + dx, round(y * s) + dy), mask)
         buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)  # flat colours: level 1 is small enough and fast
+        img.save(buf, format="PNG", compress_level=1, dpi=(dpi, dpi))  # flat colours: level 1 is small enough and fast
         return buf.getvalue()
 
 
@@ -165,7 +177,6 @@ STYLE = {
     "svg.fonttype": "none",  # text stays text: small, fast, editable
     "svg.hashsalt": "reportgen",
     "figure.dpi": 100,
-    "savefig.dpi": 120,
 }
 
 
@@ -193,8 +204,8 @@ def display_size(drawing) -> tuple[int, int]:
     return round(w * 96), round(h * 96)
 
 
-def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png")) -> dict[str, Path]:
-    """Write one figure as stem.<fmt> for each format; returns the paths written."""
+def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png"), dpi: int = DPI) -> dict[str, Path]:
+    """Write one figure as stem.<fmt> for each format (PNGs at `dpi`); returns the paths written."""
     written = {}
     d = fig.drawing
     for fmt in formats:
@@ -203,18 +214,18 @@ def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png")) -> 
             if fmt == "svg":
                 path.write_text(d.svg(), encoding="utf-8")
             elif fmt == "png":
-                path.write_bytes(d.png())
+                path.write_bytes(d.png(dpi))
             elif fmt == "pdf":
                 _canvas_pdf(d, path)
             else:
                 raise ValueError(f"unknown figure format {fmt!r}")
         else:
-            save_mpl(d, path, fmt)
+            save_mpl(d, path, fmt, dpi)
         written[fmt] = path
     return written
 
 
-def save_mpl(fig, path: Path, fmt: str) -> None:
+def save_mpl(fig, path: Path, fmt: str, dpi: int = DPI) -> None:
     """Save a matplotlib figure. PNGs are drawn with Agg and written as RGB (no alpha channel:
     WeasyPrint would re-encode an RGBA image twice)."""
     import matplotlib
@@ -223,7 +234,6 @@ def save_mpl(fig, path: Path, fmt: str) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from PIL import Image
 
-        dpi = STYLE["savefig.dpi"]
         fig.set_dpi(dpi)
         agg = FigureCanvasAgg(fig)
         agg.draw()

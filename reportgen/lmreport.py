@@ -139,7 +139,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
         "model": {"layers": s.cfg.n_layers, "d_model": s.cfg.d_model, "heads": s.cfg.n_heads, "d_vocab": s.cfg.d_vocab,
                   "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
                   "mask_id": s.mask_id},
-        "sae": prepared["sae_info"],
+        "sae": sae_source(prepared["sae_info"], ref),
         "compute": {"device": device, "dtype": "float32"},
         "analyses": [x["name"] for x in prepared["sections"]],
         "metrics": {**({"loss": tr.metrics["loss"]} if "loss" in tr.metrics else {}), **prepared["metrics"]},
@@ -148,6 +148,32 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
                      **({"sae_lens": _version("sae-lens")} if prepared["sae_info"] else {})},
     }
     return meta
+
+
+def sae_source(info: dict | None, ref) -> dict | None:
+    """The SAE's description plus `trained_on_this`: True when it was trained on this checkpoint (by --train-sae,
+    or its cfg's model_name names this checkpoint), False when its cfg names another one, None when it names none."""
+    if not info:
+        return info
+    rec = info.get("trained_on")
+    if info.get("folder") == "sae/":
+        same = True
+    elif not rec:
+        same = None
+    else:
+        same = rec in (f"{ref.run}/{ref.name}", str(ref.path)) or Path(rec).name in (ref.name, ref.path.name)
+    return {**info, "trained_on_this": same}
+
+
+def sae_note(sae: dict | None, here: str) -> str | None:
+    """The page's note when the SAE comes from another checkpoint, or does not say where it comes from."""
+    if not sae or sae.get("trained_on_this"):
+        return None
+    if sae["trained_on_this"] is False:
+        return (f"The SAE ({sae['folder']}) was trained on {sae['trained_on']}, a different checkpoint: its features "
+                f"describe that checkpoint's activations and are applied here to {here}.")
+    return (f"The SAE ({sae['folder']}) does not record which model it was trained on (no model_name in its cfg.json); "
+            f"it may come from a different checkpoint than {here}.")
 
 
 def _version(dist: str) -> str | None:
@@ -173,6 +199,7 @@ def lm_context(meta: dict, prepared: dict) -> dict:
            f"{Path(meta['dataset']['path']).name}}}\n}}")
     shapes = {"tokens": tr.tokens.shape, "inputs": tr.inputs.shape, "scored": tr.scored.shape, "targets": tr.targets.shape,
               **{k: v.shape for k, v in tr.arrays.items()}}
-    return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": s.notes,
+    note = sae_note(meta["sae"], f"{meta['run']}/{meta['name']}")
+    return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": s.notes + ([note] if note else []),
             "sections": prepared["sections"], "bibtex": bib, "site_root": "../../",
             "trace_arrays": [(k, list(shapes[k]), d) for k, d in TRACE_ARRAYS.items() if k in shapes]}

@@ -129,7 +129,7 @@ def test_masking_is_seeded_and_spares_padding():
     b, pb = mask_tokens(t, 0.3, 257, seed=1, protect=(256,))
     assert (a == b).all() and (pa == pb).all() and pa.any()
     assert not pa[:, -5:].any() and (a[pa] == 257).all() and (a[~pa] == t[~pa]).all()
-    assert show_token(" \n\x01a") == "␣↵\\x01a"
+    assert show_token(" \n\x01a\r\t") == "␠␊\\x01a␍␉"
 
 
 def _trace_from_pattern(pattern, vocab=None):

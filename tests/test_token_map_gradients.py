@@ -57,7 +57,7 @@ def test_export_keeps_row_column_order_and_counts_top_tokens():
     assert top[0]["share"] == pytest.approx(4 / 9, abs=1e-6)
     assert top[0]["mean_probability"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.1) / 4, abs=1e-6)
     assert top[1]["mean_probability"] == pytest.approx(0.3, abs=1e-6)
-    assert top[2]["shown"] == "␣" and top[3]["shown"] == "↵"
+    assert top[2]["shown"] == "␠" and top[3]["shown"] == "␊"
     # the config is what the probe ran (its resolved layer), and the whole export is plain JSON
     assert d["config"] == {"grid_size": 3, "spacing": 2.0, "center": [10.0, -1.0], "layer": 1, "method": "direct",
                            "seed": 3, "batch_size": 4}
@@ -117,8 +117,8 @@ def test_figure_has_one_label_per_cell_and_darker_cells_for_higher_probability()
     texts = grid_texts(c, 3)
     assert {k: v[0] for k, v in texts.items()} == {
         (0, 0): "a", (0, 1): "lo…", (0, 2): "b",
-        (1, 0): "<", (1, 1): "␣", (1, 2): "b",
-        (2, 0): "a", (2, 1): "↵", (2, 2): "b"}
+        (1, 0): "<", (1, 1): "␠", (1, 2): "b",
+        (2, 0): "a", (2, 1): "␊", (2, 2): "b"}
     fills = grid_fills(c, 3)
     assert len(fills) == 9
     order = sorted(fills, key=lambda rc: PROBS[rc[0]][rc[1]])  # cells by rising probability...
