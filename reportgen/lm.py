@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ReportgenError
+from .text import show_token  # noqa: F401  (token display lives in text.py; imported from here by analyses)
 
 MASK_NAMES = ("[MASK]", "<mask>", "<MASK>", "[mask]")
 PAD_NAMES = ("[PAD]", "<pad>", "<PAD>")
@@ -248,7 +249,7 @@ def _dataset_rows(path: Path) -> list:
     try:
         import datasets
     except ImportError:
-        raise ReportgenError(f"{path}: reading a datasets folder needs the 'datasets' package") from None
+        raise ReportgenError(f"{path}: reading a datasets folder needs the 'datasets' package: pip install 'reportgen[lm]'") from None
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001
@@ -294,22 +295,3 @@ def mask_tokens(tokens: np.ndarray, rate: float, mask_id: int, seed: int, protec
     for t in protect:
         pos &= tokens != t
     return np.where(pos, mask_id, tokens), pos
-
-
-def show_token(s: str) -> str:
-    """A token string made visible: whitespace and control characters get symbols."""
-    out = []
-    for ch in s:
-        if ch == " ":
-            out.append("␣")
-        elif ch == "\n":
-            out.append("↵")
-        elif ch == "\t":
-            out.append("⇥")
-        elif ch == "\r":
-            out.append("␍")
-        elif not ch.isprintable():
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
