@@ -234,6 +234,8 @@ def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png")) -> 
     """Write one figure as stem.<fmt> for each format; returns the paths written."""
     written = {}
     d = fig.drawing
+    if not isinstance(d, Canvas):
+        font_fallback(d)
     for fmt in formats:
         path = stem.with_suffix("." + fmt)
         if isinstance(d, Canvas):
@@ -246,7 +248,6 @@ def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png")) -> 
             else:
                 raise ValueError(f"unknown figure format {fmt!r}")
         else:
-            font_fallback(d)
             save_mpl(d, path, fmt)
         written[fmt] = path
     return written

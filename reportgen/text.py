@@ -28,16 +28,17 @@ FALLBACK_FAMILIES = (
     "Noto Sans Tamil", "Noto Sans Thai", "Noto Sans Ethiopic", "Noto Sans Khmer",
     "Noto Sans Math", "Noto Sans Symbols", "Noto Sans Symbols2",
 )
-# What SVG files name (a reader's browser falls back by itself): the same on every machine, unlike the
-# installed chain. templates/style.css names the same families.
+# What the Canvas' SVG files name (a reader's browser falls back by itself): the same on every machine,
+# unlike the installed chain. templates/style.css names the same families.
 SVG_FAMILIES = "'DejaVu Sans', 'Noto Sans', 'Noto Sans Cuneiform', 'Noto Sans CJK JP', sans-serif"
 NO_GLYPH = {"Cf", "Co", "Cn", "Cs"}  # format (zero-width), private-use, unassigned, surrogate: boxed even where a font maps them
 NOTE_LIMIT = 20  # tokens named in the report's note; the rest are counted
 
 
 def show_token(s: str) -> str:
-    """A token string made visible: whitespace and control characters get symbols. Invisible format,
-    private-use and unassigned characters stay as they are: the drawing shows them as code-point boxes."""
+    """A token string made visible: whitespace and control characters get symbols, other invisible
+    bytes \\xNN. Invisible format, private-use and unassigned characters above U+00FF stay as they are:
+    the drawing shows them as code-point boxes."""
     out = []
     for ch in s:
         if ch == " ":
@@ -48,7 +49,7 @@ def show_token(s: str) -> str:
             out.append("⇥")
         elif ch == "\r":
             out.append("␍")
-        elif not ch.isprintable() and unicodedata.category(ch) not in NO_GLYPH:
+        elif not ch.isprintable() and (ord(ch) <= 0xFF or unicodedata.category(ch) not in NO_GLYPH):
             out.append(f"\\x{ord(ch):02x}")
         else:
             out.append(ch)
