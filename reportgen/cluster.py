@@ -43,7 +43,7 @@ def run_jobs(opts, todo: list) -> list[str]:
     try:
         import submitit
     except ImportError:
-        raise ReportgenError(f"--executor {opts.executor} needs submitit: pip install submitit") from None
+        raise ReportgenError(f"--executor {opts.executor} needs submitit: pip install 'reportgen[slurm]'") from None
     folder = logs_folder(Path(opts.out))
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm" if opts.executor == "slurm" else "local")
     params = {"name": "reportgen", "timeout_min": opts.slurm_time, "cpus_per_task": opts.slurm_cpus}

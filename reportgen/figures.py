@@ -14,7 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-FONT_FAMILY = "DejaVu Sans, Verdana, Arial, sans-serif"
+from .text import SVG_FAMILIES, boxed_text, codepoint, faces, families_for, missing, runs
+
+FONT_FAMILY = SVG_FAMILIES.replace("'", "")  # the Canvas' SVG attribute; fallback per glyph as in text.py
 DPI = 200  # default PNG resolution (--dpi): fit for print
 CSS_DPI = 96  # one SVG unit / CSS px is 1/96 inch
 PNG_SCALE = DPI / CSS_DPI  # raster pixels per SVG unit at the default dpi
@@ -66,25 +68,44 @@ def _rgb(c: str) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=None)
-def _font(size_px: int, bold: bool):
-    import matplotlib
+def _font(face: int, size_px: int, bold: bool):
+    """Pillow font of face `face` of the fallback chain (text.faces(); 0 is matplotlib's DejaVu Sans)."""
     from PIL import ImageFont
 
-    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size_px)
+    f = faces()[face]
+    return ImageFont.truetype(f.bold_path if bold else f.path, size_px, index=f.bold_index if bold else f.index)
 
 
 @lru_cache(maxsize=4096)
 def _glyphs(text: str, size_px: int, bold: bool, anchor: str):
-    """Anti-aliased mask of a text run and its offset from the anchor point (cached: boards repeat digits)."""
+    """Anti-aliased mask of a text run and its offset from the anchor point (cached: boards repeat digits).
+    Each character is drawn by the first face of the chain that has it."""
     from PIL import Image, ImageDraw
 
-    a = {"start": "lm", "middle": "mm", "end": "rm"}[anchor]
-    font = _font(size_px, bold)
-    x0, y0, x1, y1 = font.getbbox(text, anchor=a)
-    mask = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
-    ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=font, anchor=a)
-    return mask, (x0, y0)
+    parts = [(_font(k or 0, size_px, bold), t) for k, t in runs(text)]
+    if len(parts) == 1:
+        a = {"start": "lm", "middle": "mm", "end": "rm"}[anchor]
+        font = parts[0][0]
+        x0, y0, x1, y1 = font.getbbox(text, anchor=a)
+        mask = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
+        ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=font, anchor=a)
+        return mask, (x0, y0)
+    widths = [font.getlength(t) for font, t in parts]
+    boxes = [font.getbbox(t, anchor="lm") for font, t in parts]
+    top, bottom, total = min(b[1] for b in boxes), max(b[3] for b in boxes), sum(widths)
+    mask = Image.new("L", (max(1, round(total) + 1), max(1, bottom - top)), 0)
+    draw, x = ImageDraw.Draw(mask), 0.0
+    for (font, t), w in zip(parts, widths):
+        draw.text((x, -top), t, fill=255, font=font, anchor="lm")
+        x += w
+    return mask, (round({"start": 0, "middle": -total / 2, "end": -total}[anchor]), top)
+
+
+def _run_width(face: int | None, text: str, size: float, bold: bool) -> float:
+    """Width in SVG units of a run of one face at `size` (face None: a code-point box)."""
+    if face is None:
+        return (len(f"{ord(text):04X}") + 1) // 2 * 0.27 * size + 0.3 * size
+    return _font(face, 100, bold).getlength(text) * size / 100
 
 
 class Canvas:
@@ -101,8 +122,24 @@ class Canvas:
         self.items.append(("line", x1, y1, x2, y2, stroke, width))
 
     def text(self, x, y, s, size=10.0, fill=INK, anchor="middle", bold=False):
-        """Text centred vertically on y; anchor is start, middle or end horizontally."""
-        self.items.append(("text", x, y, str(s), size, fill, anchor, bold))
+        """Text centred vertically on y; anchor is start, middle or end horizontally. A character no
+        installed font draws becomes a box with its code point in two rows, the size of a glyph."""
+        s = str(s)
+        if not missing(s):
+            self.items.append(("text", x, y, s, size, fill, anchor, bold))
+            return
+        parts = [(k, t, _run_width(k, t, size, bold)) for k, t in runs(s)]
+        x -= {"start": 0, "middle": 0.5, "end": 1}[anchor] * sum(w for *_, w in parts)
+        for k, t, w in parts:
+            if k is not None:
+                self.items.append(("text", x, y, t, size, fill, "start", bold))
+            else:
+                digits = codepoint(t)[2:]
+                h, half = 0.9 * size, (len(digits) + 1) // 2
+                self.rect(x + 0.06 * size, y - h / 2, w - 0.12 * size, h, stroke=fill, width=max(0.4, 0.05 * size))
+                for row, dy in ((digits[:half], -0.21), (digits[half:], 0.21)):
+                    self.items.append(("text", x + w / 2, y + dy * size, row, round(0.38 * size, 2), fill, "middle", False))
+            x += w
 
     def svg(self) -> str:
         f = lambda v: f"{v:.2f}".rstrip("0").rstrip(".")  # noqa: E731
@@ -208,6 +245,8 @@ def save(fig: Figure, stem: Path, formats: tuple[str, ...] = ("svg", "png"), dpi
     """Write one figure as stem.<fmt> for each format (PNGs at `dpi`); returns the paths written."""
     written = {}
     d = fig.drawing
+    if not isinstance(d, Canvas):
+        font_fallback(d)
     for fmt in formats:
         path = stem.with_suffix("." + fmt)
         if isinstance(d, Canvas):
@@ -245,6 +284,32 @@ def save_mpl(fig, path: Path, fmt: str, dpi: int = DPI) -> None:
         fig.savefig(path, format=fmt, metadata=meta)
 
 
+def font_fallback(fig) -> None:
+    """Every text of a matplotlib figure, tick labels included, gets the fallback families its characters
+    need (text.families_for; plain DejaVu Sans text stays as it is), and each character no installed font
+    draws is written as its code point in a box: no tofu, and no missing-glyph warning per character."""
+    from matplotlib.text import Text
+    from matplotlib.ticker import FixedFormatter, FuncFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            fmt = axis.get_major_formatter()  # tick labels are re-set from it at every draw
+            if isinstance(fmt, FixedFormatter):  # string labels: set_ticklabels without set_ticks
+                fmt.seq = [boxed_text(str(v)) for v in fmt.seq]
+            elif isinstance(fmt, FuncFormatter):  # set_ticks + set_ticklabels
+                fmt.func = lambda x, pos=None, f=fmt.func: boxed_text(str(f(x, pos)))
+    for t in fig.findobj(Text):
+        s = t.get_text()
+        if s and missing(s):
+            s = boxed_text(s)
+            t.set_text(s)
+            if t.get_bbox_patch() is None:
+                t.set_bbox({"boxstyle": "square,pad=0.12", "facecolor": "none", "edgecolor": t.get_color(), "linewidth": 0.5})
+        fams = families_for(s)
+        if len(fams) > 1:
+            t.set_fontfamily(fams)
+
+
 def _canvas_pdf(canvas: Canvas, path: Path) -> None:
     """Vector PDF of a Canvas, drawn with matplotlib's PDF backend (TrueType fonts embedded)."""
     import matplotlib
@@ -270,4 +335,5 @@ def _canvas_pdf(canvas: Canvas, path: Path) -> None:
             _, x, y, s, size, fill, anchor, bold = it
             ax.text(x, y, s, fontsize=size, color=fill, ha={"start": "left", "middle": "center", "end": "right"}[anchor],
                     va="center_baseline", fontweight="bold" if bold else "normal")
+    font_fallback(fig)
     fig.savefig(path, format="pdf", metadata={"CreationDate": None, "ModDate": None})

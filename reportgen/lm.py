@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ReportgenError
+from .text import show_token, symbol_key  # noqa: F401  (token display lives in text.py; imported from here by analyses)
 
 MASK_NAMES = ("[MASK]", "<mask>", "<MASK>", "[mask]")
 PAD_NAMES = ("[PAD]", "<pad>", "<PAD>")
@@ -248,7 +249,7 @@ def _dataset_rows(path: Path) -> list:
     try:
         import datasets
     except ImportError:
-        raise ReportgenError(f"{path}: reading a datasets folder needs the 'datasets' package") from None
+        raise ReportgenError(f"{path}: reading a datasets folder needs the 'datasets' package: pip install 'reportgen[lm]'") from None
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001
@@ -294,33 +295,3 @@ def mask_tokens(tokens: np.ndarray, rate: float, mask_id: int, seed: int, protec
     for t in protect:
         pos &= tokens != t
     return np.where(pos, mask_id, tokens), pos
-
-
-# whitespace and control characters drawn as Unicode control pictures, with their names for legends
-CONTROL_PICTURES = {" ": ("␠", "space"), "\n": ("␊", "line feed (newline)"), "\t": ("␉", "tab"),
-                    "\r": ("␍", "carriage return")}
-
-
-def show_token(s: str) -> str:
-    """A token string made visible: whitespace and control characters get symbols."""
-    out = []
-    for ch in s:
-        if ch in CONTROL_PICTURES:
-            out.append(CONTROL_PICTURES[ch][0])
-        elif not ch.isprintable():
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def symbol_key(tokens, empty: str | None = None) -> str:
-    """A legend for the symbols show_token draws for these token strings, e.g. "␠ space, ␊ line feed (newline)";
-    `empty`: the symbol drawn for an empty token, listed when one occurs. "" when none is used."""
-    used = {ch for t in tokens for ch in t}
-    parts = [f"{sym} {name}" for ch, (sym, name) in CONTROL_PICTURES.items() if ch in used]
-    if any(not ch.isprintable() and ch not in CONTROL_PICTURES for ch in used):
-        parts.append("\\xNN another control character")
-    if empty and any(t == "" for t in tokens):
-        parts.append(f"{empty} an empty token")
-    return ", ".join(parts)

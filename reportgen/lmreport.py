@@ -34,6 +34,27 @@ def resolve_layer(layer: int, n_layers: int, what: str) -> int:
     return r
 
 
+LM_EXTRA = {"transformer_lens": "transformer-lens", "sae_lens": "sae-lens", "datasets": "datasets"}
+
+
+def require_lm_extras(path: Path, opts) -> None:
+    """One line naming what to install when the packages of the `lm` extra are missing, before any of
+    them is imported deep inside loading (TRM reports never need them)."""
+    import importlib
+
+    need = ["transformer_lens"]
+    if opts.sae or opts.train_sae is not None:
+        need.append("sae_lens")
+    if opts.train_sae is not None or (opts.data and Path(opts.data).is_dir()):
+        need.append("datasets")
+    for mod in need:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ReportgenError(f"{path}: language-model reports need {LM_EXTRA[mod]}, which cannot be imported "
+                                 f"({str(e).splitlines()[0][:80]}): pip install 'reportgen[lm]'") from None
+
+
 def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) -> dict:
     import numpy as np
 
@@ -41,9 +62,11 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
 
     from .lm import LMSubject, PAD_NAMES, MASK_NAMES, load_model, load_tokens, load_vocab, mask_tokens, read_checkpoint, sniff, special_id
     from .lmprobe import check_token_map_memory, merge_needs, probe_lm
+    from .text import uncovered_note
 
     ref = job.ref
     with timer("load"):
+        require_lm_extras(ref.path, opts)
         obj = read_checkpoint(ref.path, opts.trust_checkpoint)
         fmt = sniff(obj)
         if fmt is None:
@@ -56,6 +79,9 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
         pad_id = special_id(vocab, PAD_NAMES, declared["pad"], cfg.d_vocab)
         subject = LMSubject(ref=ref, model=model, format=fmt, causal=causal, config_rows=rows, vocab=vocab,
                             vocab_source=vocab_src, byte_level=byte_level, mask_id=mask_id, pad_id=pad_id)
+        glyphs = uncovered_note(vocab[:cfg.d_vocab])  # also adds installed fonts for the vocabulary's scripts
+        if glyphs:
+            subject.notes.append(glyphs)
         seq_len = opts.seq_len or min(128, cfg.n_ctx)
         if seq_len > cfg.n_ctx:
             raise ReportgenError(f"--seq-len {seq_len} is longer than the model's context ({cfg.n_ctx})")

@@ -29,10 +29,11 @@ def _num(v, digits: int = 2) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _tok(s: str) -> str:
-    from .lm import show_token
+def _tok(s: str):
+    """A token for the page: whitespace made visible, characters no font draws as code-point boxes (Markup)."""
+    from .text import html, show_token
 
-    return show_token(s)
+    return html(show_token(s))
 
 
 def _heat(a: float, peak: float) -> str:
@@ -135,8 +136,11 @@ def write_pdf(html: str, base_dir: Path, path: Path) -> None:
 
     import weasyprint
 
+    from .pdf import fixed_font_times
+
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
+    fixed_font_times()  # the same font bytes whichever subsetter WeasyPrint uses
     html = inline_images(html, base_dir)
     weasyprint.HTML(string=html, base_url=str(base_dir) + os.sep).write_pdf(str(path))
 
