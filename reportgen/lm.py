@@ -106,6 +106,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
     """(HookedTransformer, causal, config rows, config-declared ids) for a sniffed checkpoint."""
     import torch
 
+    from .checkpoints import check_finite
     from .models.tl import StateDictMismatch, config_from_dict, hooked_transformer
 
     if fmt == "restoration":
@@ -118,6 +119,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
         sd = _strip(obj["model_state_dict"])
         if not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise ReportgenError(f"{path}: model_state_dict holds something other than tensors")
+        check_finite(path, sd)
         want = expected_shapes(cfg)
         missing = [k for k in want if k not in sd]
         extra = [k for k in sd if k not in want]
@@ -138,6 +140,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
             cfg = config_from_dict(dict(obj["cfg"]), device)
         except (TypeError, ValueError, AssertionError) as e:
             raise ReportgenError(f"{path}: invalid TransformerLens cfg ({e})") from None
+        check_finite(path, obj["state_dict"], allow_inf=("attn.IGNORE",))  # TransformerLens' -inf mask value
         try:
             model = hooked_transformer(cfg, _strip(obj["state_dict"]), device)
         except StateDictMismatch as e:
@@ -145,6 +148,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
     else:
         model = obj if sniff(obj) == "pickled" and not isinstance(obj, dict) else obj["model"]
         model = model.to(device, print_details=False).eval()
+        check_finite(path, dict(model.named_parameters()))
     c = model.cfg
     fields = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn", "normalization_type",
               "positional_embedding_type", "rotary_base", "rotary_adjacent_pairs", "attention_dir")
@@ -206,7 +210,7 @@ def load_tokens(path: Path, vocab: list[str], byte_level: bool, d_vocab: int, se
     elif path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
             raise ReportgenError(f"{path}: not a readable .npy token array ({e})") from None
         rows = _array_rows(path, arr, seq_len)
     elif path.suffix in (".pt", ".pth"):

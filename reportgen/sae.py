@@ -76,10 +76,38 @@ def load_sae(folder: Path, model, device: str):
     return sae, describe(sae, str(folder), "--sae")
 
 
+def temp_folder() -> Path:
+    """A folder for an SAE trained for one report until the report takes it in. Removed at exit if a failure
+    after the training left it there (a failed training removes it at once, see `train_sae`)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="reportgen-sae-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def train_sae(model, tokens, layer: int, out: Path, device: str, arch: str = "topk", training_tokens: int = 200_000,
               expansion: int = 4, k: int = 16, l1: float = 5.0, seed: int = 0, label: str = "reportgen"):
     """Train an SAE on `blocks.{layer}.hook_resid_post` with SAELens' own runner, offline, on `tokens`
-    [n_seq, ctx]; saved in SAELens' layout in `out`. Returns (SAE, description)."""
+    [n_seq, ctx]; saved in SAELens' layout in `out`, whose files get the site's modes. Returns (SAE,
+    description). On any failure `out` is removed: no half-trained SAE is left behind."""
+    import shutil
+
+    from .site import public_mode
+
+    try:
+        sae, info = _train(model, tokens, layer, out, device, arch, training_tokens, expansion, k, l1, seed, label)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    for p in (out, *out.rglob("*")):  # SAELens writes the safetensors files private (0600)
+        public_mode(p)
+    return sae, info
+
+
+def _train(model, tokens, layer, out, device, arch, training_tokens, expansion, k, l1, seed, label):
     import torch
 
     if not 0 <= layer < model.cfg.n_layers:
