@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 STEP_RE = re.compile(r"^step_(\d+)(\.(pt|pth|ckpt|bin))?$")
 # byte strings in a checkpoint's pickle stream that tell its kind (state-dict keys are stored as plain strings)
@@ -221,7 +221,7 @@ def read_run_config(ckpt: Path) -> tuple[dict, Path | None]:
     try:
         cfg = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ReportgenError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ReportgenError(f"{path}: not valid YAML ({first_line(e, 200)})") from None
     if _expands_beyond(cfg, MAX_CONFIG_VALUES):  # aliases of aliases ("billion laughs") or a recursive alias
         raise ReportgenError(f"{path}: its YAML aliases expand to more than {MAX_CONFIG_VALUES:,} values; "
                              f"reportgen does not expand it (an upstream all_config.yaml has a few dozen)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 FIELDS = ("inputs", "labels", "puzzle_identifiers")
 
@@ -55,7 +55,7 @@ def _load_npy(path: Path) -> np.ndarray:
     except EOFError:
         raise ReportgenError(f"{path}: empty file, not a .npy array") from None
     except (OSError, ValueError) as e:
-        raise ReportgenError(f"{path}: not a readable .npy array ({str(e).splitlines()[0][:120]})") from None
+        raise ReportgenError(f"{path}: not a readable .npy array ({first_line(e)})") from None
     if not isinstance(arr, np.ndarray):
         raise ReportgenError(f"{path}: not a .npy array (an .npz archive?)")
     if arr.dtype.kind not in "iu":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 MASK_NAMES = ("[MASK]", "<mask>", "<MASK>", "[mask]")
 PAD_NAMES = ("[PAD]", "<pad>", "<PAD>")
@@ -219,7 +219,7 @@ def load_tokens(path: Path, vocab: list[str], byte_level: bool, d_vocab: int, se
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise ReportgenError(f"{path}: not a readable token tensor ({str(e).splitlines()[0][:100]})") from None
+            raise ReportgenError(f"{path}: not a readable token tensor ({first_line(e, 100)})") from None
         if isinstance(obj, dict):
             obj = obj.get("tokens", obj.get("input_ids"))
         if not isinstance(obj, torch.Tensor):
@@ -256,7 +256,7 @@ def _dataset_rows(path: Path) -> list:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001
-        raise ReportgenError(f"{path}: not a datasets folder saved with save_to_disk ({str(e).splitlines()[0][:100]})") from None
+        raise ReportgenError(f"{path}: not a datasets folder saved with save_to_disk ({first_line(e, 100)})") from None
     if isinstance(ds, datasets.DatasetDict):
         split = next((s for s in ("validation", "test") if s in ds), None)
         if split is None:

@@ -9,7 +9,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
@@ -71,7 +71,7 @@ def load_sae(folder: Path, model, device: str):
     try:
         sae = SAE.load_from_disk(str(folder), device=device)
     except Exception as e:  # noqa: BLE001 - a corrupt SAE is the user's input
-        raise ReportgenError(f"{folder}: SAELens could not load the SAE ({str(e).splitlines()[0][:140]})") from None
+        raise ReportgenError(f"{folder}: SAELens could not load the SAE ({first_line(e, 140)})") from None
     sae.eval()
     return sae, describe(sae, str(folder), "--sae")
 
@@ -138,7 +138,7 @@ def _train(model, tokens, layer, out, device, arch, training_tokens, expansion, 
     try:
         LanguageModelSAETrainingRunner(cfg, override_dataset=ds, override_model=model).run()
     except Exception as e:  # noqa: BLE001
-        raise ReportgenError(f"--train-sae {layer}: SAELens training failed ({str(e).splitlines()[0][:160]})") from None
+        raise ReportgenError(f"--train-sae {layer}: SAELens training failed ({first_line(e, 160)})") from None
     sae = SAE.load_from_disk(str(out), device=device)
     sae.eval()
     return sae, describe(sae, str(out), f"trained by reportgen with SAELens ({arch}, {training_tokens:,} tokens)")
