@@ -205,9 +205,12 @@ class Job:
 
 
 def plan(ref, opts: BuildOptions, params: dict, out: Path) -> Job:
-    from .checkpoints import read_run_config, read_state_dict, sniff_kind
+    from .checkpoints import read_run_config, read_state_dict, sniff_kind, unknown_checkpoint
 
-    if sniff_kind(ref.path) == "lm":
+    kind = sniff_kind(ref.path)
+    if kind == "unknown":
+        raise unknown_checkpoint(ref.path)
+    if kind == "lm":
         if not opts.data:
             raise ReportgenError(f"{ref.path}: a language-model checkpoint needs --data (a UTF-8 text file, a .npy/.pt "
                                  f"token array or a datasets folder)")
@@ -240,8 +243,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     params = _validate(opts)
     refs = discover(opts.ckpts)
     out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise ReportgenError(f"{out}: --out exists and is not a folder")
+    check_out(out)
     folders: list[Path] = []
     todo: list[tuple[int, Job]] = []
     with timer("plan"):
@@ -326,6 +328,21 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     index = f"; site index: {out / 'index.html'}" if opts.write_index else ""
     _log(opts, f"{len(todo)} report(s) built, {len(refs) - len(todo)} up to date{index}")
     return folders
+
+
+def check_out(out: Path) -> None:
+    """--out is a folder this process can write into, or can be made in one: checked before any probe."""
+    import os
+
+    p = out
+    while not p.exists() and not p.is_symlink():  # the nearest part of the path that exists
+        p = p.parent
+    if not p.is_dir():
+        what = "a file" if p.is_file() else "a broken symbolic link" if not p.exists() else "not a folder"
+        raise ReportgenError(f"{out}: --out is {what}" if p == out else f"{out}: --out cannot be created: {p} is {what}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ReportgenError(f"{out}: --out is not writable" if p == out else
+                             f"{out}: --out cannot be created: {p} is not writable")
 
 
 def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None):

@@ -11,10 +11,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 STEP_RE = re.compile(r"^step_(\d+)(\.(pt|pth|ckpt|bin))?$")
-LM_MARKERS = (b"model_state_dict", b"HookedTransformer")
+# byte strings in a checkpoint's pickle stream that tell its kind (state-dict keys are stored as plain strings)
+TRM_MARKERS = (b"embed_tokens.embedding_weight", b"lm_head.weight", b"L_level.layers.")
+RESTORATION_MARKERS = (b"model_state_dict", b"config", b"d_model")  # seed 004
+TL_MARKERS = (b"state_dict", b"cfg", b"W_E")  # {cfg, state_dict} of a HookedTransformer
+KNOWN_KINDS = "TRM, seed-004 RestorationModel, TransformerLens"
+RUN_OVERVIEW_FILES = ("figures", "data", "index.html", "overview.pdf")  # beside the reports in <out>/<run>/
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 TRM_PREFIXES = ("_orig_mod.", "model.", "inner.")
 # all_config.yaml `arch` fields that TRMConfig takes; the rest are training-only or descriptive
@@ -23,6 +28,7 @@ TRM_ARCH_FIELDS = (
     "puzzle_emb_ndim", "puzzle_emb_len", "pos_encodings", "forward_dtype", "mlp_t",
 )
 TRM_ARCH_IGNORED = ("name", "loss", "H_layers", "halt_exploration_prob", "no_ACT_continue")
+MAX_CONFIG_VALUES = 100_000  # values in an all_config.yaml once its aliases are expanded
 
 
 def safe_name(text: str) -> str:
@@ -55,8 +61,9 @@ def _ref(path: Path) -> CheckpointRef:
 
 
 def sniff_kind(path: Path) -> str:
-    """'lm' or 'trm' from the checkpoint's pickle stream (read without torch, so cached reports are
-    skipped before any heavy import). Anything unrecognised goes the TRM way, whose loader reports it."""
+    """'lm', 'trm' or 'unknown' from the checkpoint's pickle stream (read without torch, so cached reports
+    are skipped before any heavy import). A file that is not a torch.save archive goes the TRM way, whose
+    loader says why it cannot be read."""
     import zipfile
 
     try:
@@ -65,9 +72,17 @@ def sniff_kind(path: Path) -> str:
             head = z.read(pkl) if pkl else b""
     except (OSError, zipfile.BadZipFile, KeyError):
         return "trm"
-    if any(m in head for m in LM_MARKERS) or (b"state_dict" in head and b"cfg" in head and b"W_E" in head):
+    if b"HookedTransformer" in head or any(all(m in head for m in ms) for ms in (RESTORATION_MARKERS, TL_MARKERS)):
         return "lm"
-    return "trm"
+    if all(m in head for m in TRM_MARKERS):
+        return "trm"
+    return "unknown"
+
+
+def unknown_checkpoint(path: Path) -> ReportgenError:
+    """The error for a checkpoint of no kind reportgen knows (one that cannot be read says that instead)."""
+    _torch_load(path)
+    return ReportgenError(f"{path}: not a checkpoint reportgen knows ({KNOWN_KINDS})")
 
 
 def discover(specs: list[str]) -> list[CheckpointRef]:
@@ -94,17 +109,28 @@ def discover(specs: list[str]) -> list[CheckpointRef]:
             raise ReportgenError(f"{p}: checkpoint not found")
         for q in paths:
             found.setdefault(q.resolve(), _ref(q))
+    folders: dict[tuple[str, str], CheckpointRef] = {}
+    for r in found.values():  # `exp 1` and `exp-1`, or step_5 and step_5.pt: one report would replace the other
+        if r.name.casefold() in RUN_OVERVIEW_FILES:
+            raise ReportgenError(f"{r.path}: its report folder {r.run}/{r.name} would be the run overview's "
+                                 f"{r.name}; rename the checkpoint")
+        other = folders.setdefault((r.run.casefold(), r.name.casefold()), r)
+        if other is not r:
+            a, b = sorted((other.path, r.path))
+            raise ReportgenError(f"{a} and {b}: both checkpoints would be written to the report folder "
+                                 f"{other.run}/{other.name} (names are made folder-safe); rename one, or build them "
+                                 f"into different --out folders")
     return sorted(found.values(), key=lambda r: (r.run, r.step if r.step is not None else -1, r.name))
 
 
-def read_state_dict(path: Path) -> dict:
-    """Tensors of a checkpoint file, loaded on CPU with weights_only=True."""
+def _torch_load(path: Path):
+    """The checkpoint's top-level object, loaded on CPU with weights_only=True; one line for any failure."""
     import pickle
 
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read an untrusted file is the user's bad input
         text = str(e).strip()
         if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
@@ -120,11 +146,38 @@ def read_state_dict(path: Path) -> dict:
             raise ReportgenError(f"{path}: not a readable PyTorch checkpoint (neither a torch.save archive nor a legacy torch file)") from None
         first = (text.splitlines()[0] if text else type(e).__name__).split(". ")[0]
         raise ReportgenError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated archive: {first[:120]})") from None
+
+
+def read_state_dict(path: Path) -> dict:
+    """Tensors of a checkpoint file, loaded on CPU with weights_only=True, all of them finite."""
+    import torch
+
+    obj = _torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # {"model", "optimizers", "step", ...} variant seen in forks
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ReportgenError(f"{path}: not a TRM checkpoint (expected a state dict of named tensors)")
+    check_finite(path, obj)
     return obj
+
+
+def check_finite(path: Path, tensors: dict, allow_inf: tuple[str, ...] = ()) -> None:
+    """Raise naming the first tensor that holds NaN or ±inf (a diverged run, or a damaged file): its report
+    would be NaN throughout. Tensors whose names end with one of `allow_inf` may hold ±inf (attention masks)."""
+    import torch
+
+    for name, t in tensors.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
+        chunks = t.detach().reshape(-1).split(1 << 24)  # bounded extra memory on a big embedding
+        if all(bool(torch.isfinite(c).all()) for c in chunks):
+            continue
+        nan = sum(int(torch.isnan(c).sum()) for c in chunks)
+        inf = 0 if name.endswith(allow_inf) else sum(int(torch.isinf(c).sum()) for c in chunks)
+        if nan or inf:
+            what = " and ".join(w for n, w in ((nan, f"{nan:,} NaN"), (inf, f"{inf:,} infinite")) if n)
+            raise ReportgenError(f"{path}: tensor {name} holds {what} value(s) of {t.numel():,} (a diverged run or "
+                                 f"a damaged file); reportgen does not report on it")
 
 
 def strip_trm_prefixes(sd: dict) -> dict:
@@ -168,10 +221,30 @@ def read_run_config(ckpt: Path) -> tuple[dict, Path | None]:
     try:
         cfg = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ReportgenError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ReportgenError(f"{path}: not valid YAML ({first_line(e, 200)})") from None
+    if _expands_beyond(cfg, MAX_CONFIG_VALUES):  # aliases of aliases ("billion laughs") or a recursive alias
+        raise ReportgenError(f"{path}: its YAML aliases expand to more than {MAX_CONFIG_VALUES:,} values; "
+                             f"reportgen does not expand it (an upstream all_config.yaml has a few dozen)")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("arch"), dict):
         raise ReportgenError(f"{path}: has no 'arch' mapping (not an upstream TRM all_config.yaml)")
     return cfg, path
+
+
+def _expands_beyond(obj, budget: int) -> bool:
+    """True when `obj`, with every shared (aliased) part counted each time it is reached, has more than
+    `budget` values; stops counting there, so a cycle or a billion laughs costs `budget` steps."""
+    stack, n = [obj], 0
+    while stack:
+        o = stack.pop()
+        n += 1
+        if n > budget:
+            return True
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set)):
+            stack.extend(o)
+    return False
 
 
 def trm_config_from(sd: dict, run_config: dict, dataset_meta: dict | None, config_path: Path | None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 FIELDS = ("inputs", "labels", "puzzle_identifiers")
 
@@ -27,6 +27,7 @@ class PuzzleSplit:
     inputs: np.ndarray  # [N, S] int64 token ids
     labels: np.ndarray  # [N, S] int64 token ids
     puzzle_identifiers: np.ndarray  # [N] int64
+    set_sizes: tuple = ()  # puzzles per set of meta["sets"], in order (the arrays are their concatenation)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -49,10 +50,17 @@ def read_meta(root: Path, split: str) -> dict:
 def _load_npy(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ReportgenError(f"{path}: missing from the dataset folder")
-    try:
-        return np.load(path, allow_pickle=False)
+    try:  # memory-mapped first: a header that claims more data than the file holds fails here, not in malloc
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError:
+        raise ReportgenError(f"{path}: empty file, not a .npy array") from None
     except (OSError, ValueError) as e:
-        raise ReportgenError(f"{path}: not a readable .npy array ({e})") from None
+        raise ReportgenError(f"{path}: not a readable .npy array ({first_line(e)})") from None
+    if not isinstance(arr, np.ndarray):
+        raise ReportgenError(f"{path}: not a .npy array (an .npz archive?)")
+    if arr.dtype.kind not in "iu":
+        raise ReportgenError(f"{path}: has dtype {arr.dtype}; the upstream layout stores integer token ids")
+    return arr
 
 
 def read_split(root: str | Path, split: str) -> PuzzleSplit:
@@ -78,7 +86,25 @@ def read_split(root: str | Path, split: str) -> PuzzleSplit:
         )
     if n == 0:
         raise ReportgenError(f"{root / split}: the split is empty")
-    return PuzzleSplit(root=root, split=split, meta=meta, **arrays)
+    return PuzzleSplit(root=root, split=split, meta=meta, **arrays, set_sizes=tuple(len(a) for a in parts["inputs"]))
+
+
+def check_ids(split: PuzzleSplit, vocab_size: int, n_puzzle_ids: int | None) -> None:
+    """Every token id below the model's vocab_size and every puzzle id below its number of puzzle
+    embeddings (None: the model has none, so the ids are not read)."""
+    for f, hi in (("inputs", vocab_size), ("labels", vocab_size), ("puzzle_identifiers", n_puzzle_ids)):
+        a = getattr(split, f)
+        bad = np.flatnonzero((a < 0) | (a >= hi)) if hi is not None else []
+        if len(bad):
+            i = int(bad[0])
+            row = i // a.shape[1] if a.ndim == 2 else i
+            ends = np.cumsum(split.set_sizes)
+            k = int(np.searchsorted(ends, row, side="right"))  # the set (file) that row comes from
+            name, row = split.meta["sets"][k], row - (int(ends[k - 1]) if k else 0)
+            what = "puzzle id" if f == "puzzle_identifiers" else "token id"
+            raise ReportgenError(f"{split.root / split.split / f'{name}__{f}.npy'}: {what} {int(a.flat[i])} in row {row} "
+                                 f"is outside the checkpoint's 0..{hi - 1} ({len(bad):,} value(s) out of range: a "
+                                 f"dataset of another model?)")
 
 
 def select(n_total: int, n: int, how: str, seed: int, where: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 from .text import show_token, symbol_key  # noqa: F401  (token display lives in text.py; imported from here by analyses)
 
 MASK_NAMES = ("[MASK]", "<mask>", "<MASK>", "[mask]")
@@ -107,6 +107,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
     """(HookedTransformer, causal, config rows, config-declared ids) for a sniffed checkpoint."""
     import torch
 
+    from .checkpoints import check_finite
     from .models.tl import StateDictMismatch, config_from_dict, hooked_transformer
 
     if fmt == "restoration":
@@ -119,6 +120,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
         sd = _strip(obj["model_state_dict"])
         if not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise ReportgenError(f"{path}: model_state_dict holds something other than tensors")
+        check_finite(path, sd)
         want = expected_shapes(cfg)
         missing = [k for k in want if k not in sd]
         extra = [k for k in sd if k not in want]
@@ -139,6 +141,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
             cfg = config_from_dict(dict(obj["cfg"]), device)
         except (TypeError, ValueError, AssertionError) as e:
             raise ReportgenError(f"{path}: invalid TransformerLens cfg ({e})") from None
+        check_finite(path, obj["state_dict"], allow_inf=("attn.IGNORE",))  # TransformerLens' -inf mask value
         try:
             model = hooked_transformer(cfg, _strip(obj["state_dict"]), device)
         except StateDictMismatch as e:
@@ -146,6 +149,7 @@ def load_model(path: Path, obj, fmt: str, device: str):
     else:
         model = obj if sniff(obj) == "pickled" and not isinstance(obj, dict) else obj["model"]
         model = model.to(device, print_details=False).eval()
+        check_finite(path, dict(model.named_parameters()))
     c = model.cfg
     fields = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn", "normalization_type",
               "positional_embedding_type", "rotary_base", "rotary_adjacent_pairs", "attention_dir")
@@ -207,7 +211,7 @@ def load_tokens(path: Path, vocab: list[str], byte_level: bool, d_vocab: int, se
     elif path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
             raise ReportgenError(f"{path}: not a readable .npy token array ({e})") from None
         rows = _array_rows(path, arr, seq_len)
     elif path.suffix in (".pt", ".pth"):
@@ -216,7 +220,7 @@ def load_tokens(path: Path, vocab: list[str], byte_level: bool, d_vocab: int, se
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise ReportgenError(f"{path}: not a readable token tensor ({str(e).splitlines()[0][:100]})") from None
+            raise ReportgenError(f"{path}: not a readable token tensor ({first_line(e, 100)})") from None
         if isinstance(obj, dict):
             obj = obj.get("tokens", obj.get("input_ids"))
         if not isinstance(obj, torch.Tensor):
@@ -253,7 +257,7 @@ def _dataset_rows(path: Path) -> list:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001
-        raise ReportgenError(f"{path}: not a datasets folder saved with save_to_disk ({str(e).splitlines()[0][:100]})") from None
+        raise ReportgenError(f"{path}: not a datasets folder saved with save_to_disk ({first_line(e, 100)})") from None
     if isinstance(ds, datasets.DatasetDict):
         split = next((s for s in ("validation", "test") if s in ds), None)
         if split is None:

@@ -106,15 +106,13 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
         selected = [m for m in selected if m.NAME != "sae_features"]
     sae_dir = None
     if want_sae:
-        from .sae import load_sae, train_sae
+        from .sae import load_sae, temp_folder, train_sae
 
         if opts.sae:
             with timer("load"):
                 sae, sae_info = load_sae(Path(opts.sae), model, device)
         else:
-            import tempfile
-
-            sae_dir = Path(tempfile.mkdtemp(prefix="reportgen-sae-"))
+            sae_dir = temp_folder()
             log(f"  training an SAE ({opts.sae_arch}) on blocks.{opts.train_sae}.hook_resid_post with SAELens, "
                 f"{opts.sae_tokens:,} tokens")
             with timer("train_sae"):

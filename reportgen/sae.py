@@ -9,7 +9,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
@@ -71,15 +71,43 @@ def load_sae(folder: Path, model, device: str):
     try:
         sae = SAE.load_from_disk(str(folder), device=device)
     except Exception as e:  # noqa: BLE001 - a corrupt SAE is the user's input
-        raise ReportgenError(f"{folder}: SAELens could not load the SAE ({str(e).splitlines()[0][:140]})") from None
+        raise ReportgenError(f"{folder}: SAELens could not load the SAE ({first_line(e, 140)})") from None
     sae.eval()
     return sae, describe(sae, str(folder), "--sae")
+
+
+def temp_folder() -> Path:
+    """A folder for an SAE trained for one report until the report takes it in. Removed at exit if a failure
+    after the training left it there (a failed training removes it at once, see `train_sae`)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="reportgen-sae-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def train_sae(model, tokens, layer: int, out: Path, device: str, arch: str = "topk", training_tokens: int = 200_000,
               expansion: int = 4, k: int = 16, l1: float = 5.0, seed: int = 0, label: str = "reportgen"):
     """Train an SAE on `blocks.{layer}.hook_resid_post` with SAELens' own runner, offline, on `tokens`
-    [n_seq, ctx]; saved in SAELens' layout in `out`. Returns (SAE, description)."""
+    [n_seq, ctx]; saved in SAELens' layout in `out`, whose files get the site's modes. Returns (SAE,
+    description). On any failure `out` is removed: no half-trained SAE is left behind."""
+    import shutil
+
+    from .site import public_mode
+
+    try:
+        sae, info = _train(model, tokens, layer, out, device, arch, training_tokens, expansion, k, l1, seed, label)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    for p in (out, *out.rglob("*")):  # SAELens writes the safetensors files private (0600)
+        public_mode(p)
+    return sae, info
+
+
+def _train(model, tokens, layer, out, device, arch, training_tokens, expansion, k, l1, seed, label):
     import torch
 
     if not 0 <= layer < model.cfg.n_layers:
@@ -110,7 +138,7 @@ def train_sae(model, tokens, layer: int, out: Path, device: str, arch: str = "to
     try:
         LanguageModelSAETrainingRunner(cfg, override_dataset=ds, override_model=model).run()
     except Exception as e:  # noqa: BLE001
-        raise ReportgenError(f"--train-sae {layer}: SAELens training failed ({str(e).splitlines()[0][:160]})") from None
+        raise ReportgenError(f"--train-sae {layer}: SAELens training failed ({first_line(e, 160)})") from None
     sae = SAE.load_from_disk(str(out), device=device)
     sae.eval()
     return sae, describe(sae, str(out), f"trained by reportgen with SAELens ({arch}, {training_tokens:,} tokens)")

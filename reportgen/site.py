@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -16,12 +17,26 @@ from pathlib import Path
 REPORT_META = Path("data") / "report.json"
 
 
+def public_mode(path: Path) -> None:
+    """Give a file or folder made private by tempfile (0600 / 0700) the mode open() and mkdir() give under the
+    umask (0644 / 0755 under the usual 022), so a web server running as another user can read the site."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def temp_name(name: str) -> str:
+    """A temporary name beside `name` that no concurrent build (another process, another host) shares."""
+    return f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        public_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -36,10 +51,8 @@ class Staged:
         final.parent.mkdir(parents=True, exist_ok=True)
         recover(final)
         self.final = final
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published report must be readable
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+        public_mode(self.tmp)  # mkdtemp makes it private; a published report must be readable
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -51,7 +64,7 @@ class Staged:
             return
         old = None
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:
@@ -202,11 +215,18 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str, p
             figs.append(f)
     (folder / "figures").mkdir(exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
-    for n, f in enumerate(figs, 1):
-        f.number, f.stem = n, f.key
-        written = save(f, folder / "figures" / f.stem, ("svg", "png"))
-        f.files = {fmt: p.relative_to(folder).as_posix() for fmt, p in written.items()}
-        f.width, f.height = display_size(f.drawing)
+    staging = Path(tempfile.mkdtemp(prefix=temp_name("figures"), dir=folder))
+    try:  # each figure file is drawn beside its place and renamed into it: a reader never sees half a file
+        for n, f in enumerate(figs, 1):
+            f.number, f.stem = n, f.key
+            written = save(f, staging / f.stem, ("svg", "png"))
+            f.files = {}
+            for fmt, p in written.items():
+                os.replace(p, folder / "figures" / p.name)
+                f.files[fmt] = f"figures/{p.name}"
+            f.width, f.height = display_size(f.drawing)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     rows = [{"name": r["name"], "step": r["step"], "path": r["name"] + "/", "metrics": r["metrics"],
              "files": r["files"]} for r in reports]
     write_atomic(folder / "data" / "overview.json", json.dumps({"run": run, "reports": rows}, indent=1, sort_keys=True) + "\n")
@@ -217,15 +237,18 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str, p
     if pdf:
         from .render import source_date, write_pdf
 
-        tmp = folder / ".overview.pdf.tmp"
+        tmp = folder / temp_name("overview.pdf")
         page = render("run.html", src={f.stem: f.files["png"] for f in figs}, links=False, has_pdf=False,
                       pdf_date=source_date(), **ctx)
-        if worker is not None:  # a RenderWorker: WeasyPrint is already imported and warm there
-            worker.write_pdf(page, folder, tmp)
-            worker.wait()
-        else:
-            write_pdf(page, folder, tmp)
-        tmp.replace(folder / "overview.pdf")
+        try:
+            if worker is not None:  # a RenderWorker: WeasyPrint is already imported and warm there
+                worker.write_pdf(page, folder, tmp)
+                worker.wait()
+            else:
+                write_pdf(page, folder, tmp)
+            tmp.replace(folder / "overview.pdf")
+        finally:
+            tmp.unlink(missing_ok=True)
     elif (folder / "overview.pdf").exists():  # an older overview's PDF would show stale metrics
         (folder / "overview.pdf").unlink()
 

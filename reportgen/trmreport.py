@@ -15,7 +15,7 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
     import analyses
 
     from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
-    from .datasets import read_split, select
+    from .datasets import check_ids, read_split, select
     from .probes import probe_trm
 
     ref, sha = job.ref, job.sha
@@ -31,6 +31,8 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
         if int(split.meta["vocab_size"]) > subject.config.vocab_size:
             raise ReportgenError(f"{data_dir / opts.split / 'dataset.json'}: vocab_size {split.meta['vocab_size']} "
                                  f"is larger than the checkpoint's {subject.config.vocab_size}")
+        check_ids(split, subject.config.vocab_size,
+                  subject.config.num_puzzle_identifiers if subject.config.puzzle_emb_ndim > 0 else None)
         idx = select(len(split), opts.samples, opts.select, opts.seed, str(data_dir / opts.split))
     cfg = subject.config
     _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")

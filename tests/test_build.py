@@ -176,7 +176,7 @@ def test_error_not_a_trm_state_dict(good, tmp_path):
     _, data = good
     other = tmp_path / "run" / "step_8"
     torch.save({"encoder.weight": torch.zeros(3, 3)}, other)
-    bad(["--ckpt", other, "--data", data], tmp_path / "o", r"step_8: not a TRM checkpoint")
+    bad(["--ckpt", other, "--data", data], tmp_path / "o", r"step_8: not a checkpoint reportgen knows \(TRM, ")
 
 
 class Evil:

@@ -41,7 +41,7 @@ def test_chain_draws_cuneiform_and_cjk_and_boxes_what_no_font_has():
     assert text.families_for("plain") == ["DejaVu Sans"]
     assert str(text.html(f"<{PRIVATE}")).startswith('&lt;<span class="cp"') and ">U+E000</span>" in str(text.html(PRIVATE))
     # show_token keeps such characters for the drawing to box (bytes still get \xNN)
-    assert text.show_token(f"{PRIVATE}\x01 ") == f"{PRIVATE}\\x01␣"
+    assert text.show_token(f"{PRIVATE}\x01 ") == f"{PRIVATE}\\x01␠"
 
 
 def test_figures_draw_every_token_without_missing_glyph_warnings(tmp_path):
