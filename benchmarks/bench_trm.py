@@ -64,27 +64,13 @@ def bench_build(ckpt: Path, repeat: int, threads: int) -> None:
           f"(target <= 3) [{split}; median of {repeat}, {threads} thread(s)]")
 
 
-def trm_flops(cfg, batch: int) -> float:
-    """Multiply-adds x2 of every matmul in halt_max_steps ACT steps (linear layers, attention, heads)."""
-    D, L, S, V = cfg.hidden_size, cfg.total_len, cfg.seq_len, cfg.vocab_size
-    from reportgen.models.trm import inner_width
-
-    I = inner_width(cfg.expansion, D)
-    tok = batch * L
-    block = 2 * tok * D * (3 * D) + 2 * tok * D * D + 2 * tok * D * 2 * I + 2 * tok * I * D  # qkv, o, up, down
-    block += 2 * 2 * batch * L * L * D  # QK^T and AV over all heads
-    passes = cfg.H_cycles * (cfg.L_cycles + 1) * cfg.L_layers
-    heads = 2 * batch * S * D * V + 2 * batch * D * 2
-    return cfg.halt_max_steps * (passes * block + heads)
-
-
 def bench_probe(repeat: int, threads: int) -> None:
     import numpy as np
     import torch
 
     from reportgen.checkpoints import TRMSubject
     from reportgen.models.trm import TRM, TRMConfig, inner_width
-    from reportgen.probes import probe_trm
+    from reportgen.probes import probe_trm, trm_flops
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
