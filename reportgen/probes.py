@@ -200,7 +200,7 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
     T, P, N = cfg.halt_max_steps, cfg.prefix_len, len(inputs)
     E = model.embed_tokens.embedding_weight.detach().float().cpu().numpy()  # [V, D]
     full = {k: [] for k in ("preds", "confidence", "logits", "q_halt", "q_continue", "z_H", "z_L", "z_H_tokens", "z_L_tokens")}
-    compact = {k: [] for k in EVAL_ARRAYS if k not in ("puzzle_index", "blank", "blanks")}
+    compact = {k: [] for k in EVAL_ARRAYS if k not in ("puzzle_index", "blank", "blanks")}  # per batch
     with torch.inference_mode():
         for lo in range(0, N, batch_size):
             hi = min(N, lo + batch_size)
@@ -212,23 +212,15 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
             x = model.input_embeddings(inp, pid)
             z_H, z_L = model.initial_carry(hi - lo, device)
             steps = {k: [] for k in full if k not in ("z_H", "z_L")}
-            per_step = {k: [] for k in PER_STEP}
-            prev = changes = None
+            preds, confs, q_halts = [], [], []
             for t in range(T):
                 z_H, z_L, logits, q_halt, q_cont = model.act_step(z_H, z_L, x)
                 pred = logits.argmax(-1)  # on logits in the compute dtype, as upstream
                 lf = logits.float()
                 conf = lf.softmax(-1).amax(-1)
-                right = pred == lab
-                per_step["correct_blank"].append((right & blank).sum(-1))
-                per_step["solved"].append(right.all(-1))
-                diff = torch.zeros_like(right) if prev is None else pred != prev
-                per_step["changed"].append(diff.sum(-1))
-                changes = diff.to(torch.int16) if changes is None else changes + diff
-                per_step["q_halt"].append(q_halt.float())
-                per_step["confidence_right"].append((conf * (right & blank)).sum(-1))
-                per_step["confidence_wrong"].append((conf * (~right & blank)).sum(-1))
-                prev = pred
+                preds.append(pred)
+                confs.append(conf)
+                q_halts.append(q_halt.float())
                 if len(kept):
                     steps["preds"].append(pred[kept])
                     steps["logits"].append(lf[kept])
@@ -237,14 +229,10 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
                     steps["q_continue"].append(q_cont[kept])
                     steps["z_H_tokens"].append(torch.from_numpy(reverse_embed(z_H[kept, P:].float().cpu().numpy(), E)))
                     steps["z_L_tokens"].append(torch.from_numpy(reverse_embed(z_L[kept, P:].float().cpu().numpy(), E)))
-            for k, v in per_step.items():
-                compact[k].append(torch.stack(v).cpu())  # [T, b]
-            compact["correct_last"].append(right.cpu())
-            compact["confidence_last"].append(conf.cpu())
-            compact["cell_changes"].append(changes.cpu())
-            for name, z in (("z_H_match", z_H), ("z_L_match", z_L)):  # the same reverse embedding as the trace's
-                tok = torch.from_numpy(reverse_embed(z[:, P:].float().cpu().numpy(), E))
-                compact[name].append((tok == lab.cpu()).sum(-1))
+            last_tokens = [torch.from_numpy(reverse_embed(z[:, P:].float().cpu().numpy(), E)) for z in (z_H, z_L)]
+            for k, v in compact_arrays(torch.stack(preds), torch.stack(confs), torch.stack(q_halts), lab, blank,
+                                       *last_tokens).items():
+                compact[k].append(v.cpu())
             if len(kept):
                 for k, v in steps.items():
                     full[k].append(torch.stack(v).cpu())  # [T, kept, ...]
@@ -252,14 +240,8 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
                 full["z_L"].append(z_L[kept].float().cpu())
             if progress:
                 progress(hi, N)
-    dtypes = {"correct_blank": np.int16, "solved": bool, "changed": np.int16, "q_halt": np.float32,
-              "confidence_right": np.float32, "confidence_wrong": np.float32, "correct_last": bool,
-              "confidence_last": np.float32, "cell_changes": np.int16, "z_H_match": np.int16, "z_L_match": np.int16}
-    ev = {k: torch.cat(v, dim=1 if k in per_step else 0).numpy().astype(dtypes[k]) for k, v in compact.items()}
-    ev["puzzle_index"] = puzzle_index.astype(np.int64)
-    ev["blank"] = inputs == 1
-    ev["blanks"] = ev["blank"].sum(-1).astype(np.int16)
-    evalset = EvalSet(arrays={k: ev[k] for k in EVAL_ARRAYS})
+    evalset = _evalset({k: torch.cat(v, dim=1 if k in PER_STEP else 0).numpy() for k, v in compact.items()},
+                       inputs, puzzle_index)
 
     k = keep.astype(bool)
     if not full["preds"]:
@@ -284,3 +266,51 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
         "embedding": E,
     }
     return evalset, TRMTrace(arrays=arrays, prefix_len=P)
+
+
+def compact_arrays(preds, conf, q_halt, labels, blank, z_H_tokens, z_L_tokens) -> dict:
+    """The evaluation arrays of a batch (torch tensors, on any device): preds and conf [T, b, 81], q_halt [T, b],
+    labels [b, 81], blank [b, 81] bool, z_H_tokens / z_L_tokens [b, 81] after the last step."""
+    import torch
+
+    right = preds == labels[None]  # [T, b, 81]
+    rb = right & blank[None]
+    diff = torch.zeros_like(right)
+    diff[1:] = preds[1:] != preds[:-1]
+    return {
+        "correct_blank": rb.sum(-1),
+        "solved": right.all(-1),
+        "changed": diff.sum(-1),
+        "q_halt": q_halt.float(),
+        "confidence_right": (conf * rb).sum(-1),
+        "confidence_wrong": (conf * (~right & blank[None])).sum(-1),
+        "correct_last": right[-1],
+        "confidence_last": conf[-1],
+        "cell_changes": diff.sum(0),
+        "z_H_match": (z_H_tokens.to(labels.device) == labels).sum(-1),
+        "z_L_match": (z_L_tokens.to(labels.device) == labels).sum(-1),
+    }
+
+
+_EVAL_DTYPES = {"correct_blank": np.int16, "solved": bool, "changed": np.int16, "q_halt": np.float32,
+                "confidence_right": np.float32, "confidence_wrong": np.float32, "correct_last": bool,
+                "confidence_last": np.float32, "cell_changes": np.int16, "z_H_match": np.int16, "z_L_match": np.int16}
+
+
+def _evalset(compact: dict, inputs: np.ndarray, puzzle_index: np.ndarray) -> EvalSet:
+    ev = {k: v.astype(_EVAL_DTYPES[k]) for k, v in compact.items()}
+    ev["puzzle_index"] = puzzle_index.astype(np.int64)
+    ev["blank"] = inputs == 1
+    ev["blanks"] = ev["blank"].sum(-1).astype(np.int16)
+    return EvalSet(arrays={k: ev[k] for k in EVAL_ARRAYS})
+
+
+def evalset_from_trace(trace: TRMTrace) -> EvalSet:
+    """The evaluation arrays of a full trace's puzzles (the same reduction as the evaluation pass)."""
+    import torch
+
+    t = {k: torch.from_numpy(np.asarray(trace.arrays[k])) for k in
+         ("preds", "confidence", "q_halt", "labels", "inputs", "z_H_tokens", "z_L_tokens")}
+    c = compact_arrays(t["preds"], t["confidence"], t["q_halt"], t["labels"], t["inputs"] == 1, t["z_H_tokens"][-1],
+                       t["z_L_tokens"][-1])
+    return _evalset({k: v.numpy() for k, v in c.items()}, trace.inputs, trace.puzzle_index)
