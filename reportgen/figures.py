@@ -282,5 +282,6 @@ def metric_line(ax, xs: list, metrics: list, **kw) -> bool:
         y = next(v for v in ys if v is not None)
         x, l, h = next((x, a, b) for x, v, a, b in zip(xs, ys, lo, hi) if v is not None)
         if l == l and h == h:  # not nan
-            ax.errorbar([x], [y], yerr=[[y - l], [h - y]], fmt="none", ecolor=kw.get("color"), elinewidth=0.8, capsize=2)
+            ax.errorbar([x], [y], yerr=[[max(0.0, y - l)], [max(0.0, h - y)]], fmt="none", ecolor=kw.get("color"),
+                        elinewidth=0.8, capsize=2)
     return True

@@ -33,7 +33,8 @@ def proportion(k: int, n: int) -> dict:
     if n == 0:
         return metric(None, 0, interval="wilson")
     lo, hi = wilson(k, n)
-    return metric(k / n, n, lo, hi, "wilson")
+    p = k / n
+    return metric(p, n, min(lo, p), max(hi, p), "wilson")  # (rounding can put a bound a hair past p at 0 or 1)
 
 
 def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> dict:
