@@ -57,7 +57,6 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
     else:
         evaluation = {**evaluation, "puzzles": 0}
 
-    selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
     sections, metrics = [], {}
     for mod in selected:
         with timer("analyses"):
