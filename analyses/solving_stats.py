@@ -1,9 +1,13 @@
-"""Solving statistics over the selected puzzles, per ACT step: blank-cell accuracy and exact-solve
-rate, cells changed, halting precision/recall (q_halt > 0 against "board fully correct"), confidence
-of right and wrong cells, a calibration curve at the last step, steps to the first correct board,
-and which cells the model revises most. They answer the questions at the end of seed 003:
+"""Solving statistics over the evaluation set (`--eval`, default the whole split), per ACT step: blank-cell
+accuracy and exact-solve rate, cells changed, halting precision/recall (q_halt > 0 against "board fully
+correct"), confidence of right and wrong cells, a calibration curve at the last step, steps to the first
+correct board, and which cells the model revises most. They answer the questions at the end of seed 003:
 how many steps a puzzle takes, which cells are refined, whether confidence tracks accuracy, and
 whether the model halts when it should.
+
+Every number is a metric dict of reportgen.stats with its n and a 95% interval: Wilson for the proportions
+(accuracy over blank cells, solve and halting rates over puzzles), a bootstrap over puzzles for the means.
+They are computed from the compact evaluation arrays (`trace.eval`, data/eval.npz), never from the drawn samples.
 """
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from reportgen.boards import Cell, board_height, draw_board
-from reportgen.figures import ACCENT, BAD, CHANGED, GOOD, INK, MUTED, Canvas, Figure, mix, mpl_figure
+from reportgen.figures import ACCENT, BAD, CHANGED, GOOD, INK, MUTED, Canvas, Figure, metric_line, mix, mpl_figure
+from reportgen.stats import bootstrap_mean, bootstrap_ratios, metric, proportion, value
 
 NAME = "solving_stats"
 TITLE = "Solving statistics"
 SUBJECTS = ("trm",)
+USES_EVAL = True  # reads trace.eval: the probe runs the evaluation pass for it
 
 
 @dataclass
@@ -28,64 +34,63 @@ class Params:
             raise ValueError("calibration_bins must be at least 2")
 
 
-def _ratio(num, den):
-    return float(num) / float(den) if den else None
-
-
-def _mean(a):
-    return float(a.mean()) if a.size else None
-
-
 def compute(trace, params: Params) -> dict:
-    preds, labels, inputs, conf = trace.preds, trace.labels, trace.inputs, trace.confidence
-    T, N = trace.steps, trace.n
-    correct = preds == labels[None]  # [T, N, 81]
-    blank = np.broadcast_to(inputs == 1, correct.shape)  # [T, N, 81]
-    solved = correct.all(-1)  # [T, N]
-    halt = trace.q_halt > 0  # [T, N]
+    ev = trace.eval
+    T, N = ev.steps, ev.n
+    blanks = ev.blanks.astype(np.int64)
+    cells = int(blanks.sum())
+    solved, halt = ev.solved, ev.q_halt > 0  # [T, N]
+    wrong = blanks[None] - ev.correct_blank  # [T, N] wrong blank cells
+    # the means, all steps in one bootstrap over puzzles: cells changed (from step 2), mean q_halt,
+    # mean confidence of the right and of the wrong blank cells
+    means = bootstrap_ratios(np.concatenate([ev.changed[1:], ev.q_halt, ev.confidence_right, ev.confidence_wrong]),
+                             np.concatenate([np.ones((2 * T - 1, N)), ev.correct_blank, wrong]))
+    changed, q_halt, conf_right, conf_wrong = means[:T - 1], means[T - 1:2 * T - 1], means[2 * T - 1:3 * T - 1], means[3 * T - 1:]
     per_step = []
     for t in range(T):
-        b, c = blank[t], correct[t]
         tp = int((halt[t] & solved[t]).sum())
         per_step.append({
             "step": t + 1,
-            "blank_accuracy": _mean(c[b]),
-            "exact_solve_rate": float(solved[t].mean()),
-            "cells_changed": float((preds[t] != preds[t - 1]).sum(-1).mean()) if t else None,
-            "mean_q_halt": float(trace.q_halt[t].mean()),
-            "halt_rate": float(halt[t].mean()),
-            "halt_precision": _ratio(tp, halt[t].sum()),
-            "halt_recall": _ratio(tp, solved[t].sum()),
-            "confidence_correct": _mean(conf[t][b & c]),
-            "confidence_wrong": _mean(conf[t][b & ~c]),
+            "blank_accuracy": proportion(ev.correct_blank[t].sum(), cells),
+            "exact_solve_rate": proportion(solved[t].sum(), N),
+            "cells_changed": changed[t - 1] if t else metric(None, 0, interval="bootstrap"),
+            "mean_q_halt": q_halt[t],
+            "halt_rate": proportion(halt[t].sum(), N),
+            "halt_precision": proportion(tp, halt[t].sum()),
+            "halt_recall": proportion(tp, solved[t].sum()),
+            "confidence_correct": conf_right[t],
+            "confidence_wrong": conf_wrong[t],
         })
     # calibration at the last step over blank cells
-    cf, ok = conf[-1][blank[-1]], correct[-1][blank[-1]]
+    cf, ok = ev.confidence_last[ev.blank], ev.correct_last[ev.blank]
     edges = np.linspace(0.0, 1.0, params.calibration_bins + 1)
     which = np.clip(np.digitize(cf, edges[1:-1]), 0, params.calibration_bins - 1)
     bins, ece = [], 0.0
     for k in range(params.calibration_bins):
         m = which == k
         n = int(m.sum())
-        acc, mc = _mean(ok[m].astype(float)), _mean(cf[m])
-        bins.append({"lo": round(float(edges[k]), 6), "hi": round(float(edges[k + 1]), 6), "count": n, "mean_confidence": mc, "accuracy": acc})
+        acc = proportion(ok[m].sum(), n)
+        mc = float(cf[m].mean()) if n else None
+        bins.append({"lo": round(float(edges[k]), 6), "hi": round(float(edges[k + 1]), 6), "count": n,
+                     "mean_confidence": mc, "accuracy": acc})
         if n:
-            ece += n / cf.size * abs(acc - mc)
-    first_correct = [int(np.flatnonzero(solved[:, i])[0]) + 1 if solved[:, i].any() else None for i in range(N)]
-    hist = {str(s): first_correct.count(s) for s in range(1, T + 1)}
-    hist["never"] = first_correct.count(None)
-    # how often each cell changes across the steps, averaged over puzzles (blank cells only)
-    changes = (preds[1:] != preds[:-1]).sum(0).astype(float)  # [N, 81]
-    n_blank = (inputs == 1).sum(0)
-    cell_changes = np.where(n_blank > 0, (changes * (inputs == 1)).sum(0) / np.maximum(n_blank, 1), np.nan)
+            ece += n / cf.size * abs(acc["value"] - mc)
+    ever = solved.any(0)
+    first = np.where(ever, solved.argmax(0) + 1, 0)  # [N] first step with a fully correct board, 0: never
+    hist = {str(s): int((first == s).sum()) for s in range(1, T + 1)}
+    hist["never"] = int((~ever).sum())
+    # how often each cell changes across the steps, averaged over the puzzles in which it is blank
+    n_blank = ev.blank.sum(0)
+    cell_changes = np.where(n_blank > 0, (ev.cell_changes * ev.blank).sum(0) / np.maximum(n_blank, 1), np.nan)
     last = per_step[-1]
-    solved_steps = [s for s in first_correct if s is not None]
+    info = getattr(ev, "info", None) or {}
     return {
         "puzzles": int(N),
+        "cells": cells,
         "steps": int(T),
+        "evaluation": {"puzzles": int(N), **info},
         "per_step": per_step,
-        "calibration": {"bins": bins, "ece": float(ece) if cf.size else None, "cells": int(cf.size)},
-        "first_correct_step": first_correct,
+        "calibration": {"bins": bins, "ece": metric(ece if cf.size else None, cf.size), "cells": int(cf.size)},
         "first_correct_histogram": hist,
         "cell_changes": [None if np.isnan(v) else round(float(v), 5) for v in cell_changes],
         "halting_last_step": {
@@ -97,7 +102,8 @@ def compute(trace, params: Params) -> dict:
         "summary": {
             "blank_accuracy": last["blank_accuracy"],
             "exact_solve_rate": last["exact_solve_rate"],
-            "mean_steps_to_first_correct": float(np.mean(solved_steps)) if solved_steps else None,
+            "mean_steps_to_first_correct": bootstrap_mean(first[ever]),
+            "cells_changed_last_step": last["cells_changed"],
             "halt_precision": last["halt_precision"],
             "halt_recall": last["halt_recall"],
         },
@@ -109,7 +115,16 @@ def metrics(data: dict) -> dict:
 
 
 def _nan(v):
+    v = value(v)
     return np.nan if v is None else v
+
+
+def _errorbar(ax, xs, metrics: list):
+    """Bars (or points) with their 95% interval as error bars."""
+    ys = [_nan(m) for m in metrics]
+    err = [[max(0.0, y - m["lo"]) if m.get("lo") is not None else 0.0 for y, m in zip(ys, metrics)],
+           [max(0.0, m["hi"] - y) if m.get("hi") is not None else 0.0 for y, m in zip(ys, metrics)]]
+    ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor=INK, elinewidth=0.6, capsize=1.5)
 
 
 def _step_ticks(*axes):
@@ -126,47 +141,52 @@ def figures(data: dict, params: Params) -> list[Figure]:
 
     fig, ax = mpl_figure(1, 2, (6.6, 2.5))
     a, b = ax[0]
-    a.plot(steps, [_nan(p["blank_accuracy"]) for p in ps], marker="o", ms=3, color=ACCENT, label="blank-cell accuracy")
-    a.plot(steps, [p["exact_solve_rate"] for p in ps], marker="s", ms=3, color=GOOD, label="exact-solve rate")
+    metric_line(a, steps, [p["blank_accuracy"] for p in ps], marker="o", ms=3, color=ACCENT, label="blank-cell accuracy")
+    metric_line(a, steps, [p["exact_solve_rate"] for p in ps], marker="s", ms=3, color=GOOD, label="exact-solve rate")
     a.set(xlabel="ACT step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy per step")
     a.legend(loc="best")
-    b.bar(steps[1:], [p["cells_changed"] for p in ps[1:]], color=CHANGED, edgecolor="#9a6700", linewidth=0.5)
+    b.bar(steps[1:], [_nan(p["cells_changed"]) for p in ps[1:]], color=CHANGED, edgecolor="#9a6700", linewidth=0.5)
+    _errorbar(b, steps[1:], [p["cells_changed"] for p in ps[1:]])
     b.set(xlabel="ACT step", ylabel="cells changed per puzzle", title="(b) cells revised since previous step")
     _step_ticks(a, b)
     f1 = Figure("accuracy", (
-        f"Accuracy and revisions per ACT step over {data['puzzles']} puzzles. (a) Fraction of blank cells predicted "
-        "correctly and fraction of boards fully correct after each step. (b) Mean number of cells whose prediction "
-        "changed from the previous step: a model that has settled stops revising."), fig,
+        f"Accuracy and revisions per ACT step over the {data['puzzles']} evaluation puzzles ({data['cells']} blank "
+        "cells). (a) Fraction of blank cells predicted correctly and fraction of boards fully correct after each "
+        "step; bands: 95% Wilson intervals. (b) Mean number of cells whose prediction changed from the previous "
+        "step (error bars: 95% bootstrap intervals over puzzles): a model that has settled stops revising."), fig,
         alt="Line plot of accuracy per step and bar chart of cells changed per step")
 
     fig, ax = mpl_figure(1, 2, (6.6, 2.6))
     a, b = ax[0]
     cal = [x for x in data["calibration"]["bins"] if x["count"]]
     a.plot([0, 1], [0, 1], color=MUTED, lw=0.8, ls="--", label="perfect calibration")
-    a.plot([x["mean_confidence"] for x in cal], [x["accuracy"] for x in cal], marker="o", ms=3, color=ACCENT, label="model")
+    a.plot([x["mean_confidence"] for x in cal], [value(x["accuracy"]) for x in cal], marker="o", ms=3, color=ACCENT,
+           label="model")
+    _errorbar(a, [x["mean_confidence"] for x in cal], [x["accuracy"] for x in cal])
     for x in cal:
-        a.annotate(str(x["count"]), (x["mean_confidence"], x["accuracy"]), fontsize=6, color=MUTED,
+        a.annotate(str(x["count"]), (x["mean_confidence"], value(x["accuracy"])), fontsize=6, color=MUTED,
                    xytext=(2, -7), textcoords="offset points")
-    ece = data["calibration"]["ece"]
+    ece = value(data["calibration"]["ece"])
     a.set(xlabel="confidence (max softmax)", ylabel="accuracy", xlim=(0, 1.02), ylim=(-0.02, 1.02),
           title=f"(a) calibration at step {T}" + (f", ECE {ece:.3f}" if ece is not None else ""))
     a.legend(loc="upper left")
-    b.plot(steps, [_nan(p["confidence_correct"]) for p in ps], marker="o", ms=3, color=GOOD, label="correct cells")
-    b.plot(steps, [_nan(p["confidence_wrong"]) for p in ps], marker="o", ms=3, color=BAD, label="wrong cells")
+    metric_line(b, steps, [p["confidence_correct"] for p in ps], marker="o", ms=3, color=GOOD, label="correct cells")
+    metric_line(b, steps, [p["confidence_wrong"] for p in ps], marker="o", ms=3, color=BAD, label="wrong cells")
     b.set(xlabel="ACT step", ylabel="mean confidence", ylim=(-0.02, 1.02), title="(b) confidence of right and wrong cells")
     b.legend(loc="best")
     _step_ticks(b)
     f2 = Figure("confidence", (
         "Does confidence track accuracy? (a) Reliability diagram of the blank cells after the last step: cells are "
-        "binned by confidence and each point gives the bin's accuracy (numbers: cells per bin); points under the "
-        "diagonal are over-confident. ECE is the count-weighted mean gap. (b) Mean confidence of correct and of "
-        "wrong blank cells at each step."), fig, alt="Reliability diagram and confidence per step")
+        f"binned by confidence and each point gives the bin's accuracy (numbers: cells per bin, of "
+        f"{data['calibration']['cells']}; error bars: 95% Wilson intervals); points under the diagonal are "
+        "over-confident. ECE is the count-weighted mean gap. (b) Mean confidence of correct and of wrong blank cells "
+        "at each step (bands: 95% bootstrap intervals over puzzles)."), fig, alt="Reliability diagram and confidence per step")
 
     fig, ax = mpl_figure(1, 2, (6.6, 2.5))
     a, b = ax[0]
-    a.plot(steps, [_nan(p["halt_precision"]) for p in ps], marker="o", ms=3, color=ACCENT, label="precision")
-    a.plot(steps, [_nan(p["halt_recall"]) for p in ps], marker="s", ms=3, color=GOOD, label="recall")
-    a.plot(steps, [p["halt_rate"] for p in ps], color=MUTED, lw=1, ls=":", label="share halting")
+    metric_line(a, steps, [p["halt_precision"] for p in ps], marker="o", ms=3, color=ACCENT, label="precision")
+    metric_line(a, steps, [p["halt_recall"] for p in ps], marker="s", ms=3, color=GOOD, label="recall")
+    a.plot(steps, [_nan(p["halt_rate"]) for p in ps], color=MUTED, lw=1, ls=":", label="share halting")
     a.set(xlabel="ACT step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) halting signal q_halt > 0")
     a.legend(loc="best")
     _step_ticks(a)
@@ -178,9 +198,9 @@ def figures(data: dict, params: Params) -> list[Figure]:
     b.yaxis.get_major_locator().set_params(integer=True)
     f3 = Figure("halting", (
         "Does the model halt when it should? (a) Precision: of the puzzles whose q_halt > 0 at a step, the share "
-        "whose board is fully correct; recall: of the fully correct boards, the share with q_halt > 0 (gaps: no "
-        "puzzle in the denominator). (b) Number of puzzles by the first ACT step at which the board is fully "
-        "correct ('never': not solved within the steps run)."), fig, alt="Halting precision and recall, steps to solve")
+        "whose board is fully correct; recall: of the fully correct boards, the share with q_halt > 0 (bands: 95% "
+        f"Wilson intervals; gaps: no puzzle in the denominator). (b) Number of the {data['puzzles']} puzzles by the "
+        "first ACT step at which the board is fully correct ('never': not solved within the steps run)."), fig, alt="Halting precision and recall, steps to solve")
 
     figs = [f1, f2, f3]
     ch = data["cell_changes"]
@@ -200,6 +220,6 @@ def figures(data: dict, params: Params) -> list[Figure]:
     c.text(9 * cell + 16, 56, "blank in no puzzle: grey", size=9, anchor="start", fill=MUTED)
     figs.append(Figure("cell-revisions", (
         f"Which cells does the model refine most? Mean number of times each cell's prediction changed over the "
-        f"{T} ACT steps, averaged over the puzzles in which the cell is blank (darker = revised more)."), c,
+        f"{T} ACT steps, averaged over the evaluation puzzles in which the cell is blank (darker = revised more)."), c,
         alt="Sudoku board heat map of revisions per cell"))
     return figs

@@ -7,11 +7,14 @@
     GFLOP/s (the model's largest GEMM shape) measured in the same run. Target >= 80 %.
 (c) one 6-panel latent figure, our way (SVG + PNG from one Canvas) versus a matplotlib figure with one
     ax.text per cell (PNG only) of the same content, in the same run. Target >= 20x faster.
+(d) the evaluation pass (what `--eval` runs: all ACT steps, compact per-puzzle arrays, no full trace) on the
+    real-size Sudoku att config with random weights on the CPU, at 1 and at 2 threads: puzzles per second and
+    per minute (the README quotes it), and what --eval all's CPU cap amounts to at that size.
 
 The machine is shared and noisy: each figure is the median of --repeat runs, and thread counts are set
 explicitly (--threads, default 1).
 
-    python benchmarks/bench_trm.py [--ckpt PATH] [--repeat 3] [--threads 1]
+    python benchmarks/bench_trm.py [--ckpt PATH] [--repeat 3] [--threads 1] [--only a,b,c,d]
 """
 from __future__ import annotations
 
@@ -64,38 +67,61 @@ def bench_build(ckpt: Path, repeat: int, threads: int) -> None:
           f"(target <= 3) [{split}; median of {repeat}, {threads} thread(s)]")
 
 
-def trm_flops(cfg, batch: int) -> float:
-    """Multiply-adds x2 of every matmul in halt_max_steps ACT steps (linear layers, attention, heads)."""
-    D, L, S, V = cfg.hidden_size, cfg.total_len, cfg.seq_len, cfg.vocab_size
-    from reportgen.models.trm import inner_width
+def real_size(n: int):
+    """The real-size Sudoku att config (shared/specs/trm.md) with random weights, and n random puzzles."""
+    import numpy as np
+    import torch
 
-    I = inner_width(cfg.expansion, D)
-    tok = batch * L
-    block = 2 * tok * D * (3 * D) + 2 * tok * D * D + 2 * tok * D * 2 * I + 2 * tok * I * D  # qkv, o, up, down
-    block += 2 * 2 * batch * L * L * D  # QK^T and AV over all heads
-    passes = cfg.H_cycles * (cfg.L_cycles + 1) * cfg.L_layers
-    heads = 2 * batch * S * D * V + 2 * batch * D * 2
-    return cfg.halt_max_steps * (passes * block + heads)
+    from reportgen.checkpoints import TRMSubject
+    from reportgen.models.trm import TRM, TRMConfig
+
+    torch.manual_seed(0)
+    cfg = TRMConfig(hidden_size=512, num_heads=8, expansion=4, H_cycles=3, L_cycles=6, L_layers=2, halt_max_steps=16,
+                    puzzle_emb_ndim=512, puzzle_emb_len=16, pos_encodings="rope", forward_dtype="float32")
+    subj = TRMSubject(ref=None, model=TRM(cfg).eval(), config=cfg, trained_dtype="bfloat16", run_config={},
+                      config_path=None)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(2, 11, size=(n, 81))
+    inputs = np.where(rng.random((n, 81)) < 0.6, 1, labels)
+    return subj, inputs, labels
+
+
+def bench_eval(repeat: int, n: int = 8) -> None:
+    import numpy as np
+    import torch
+
+    from reportgen.probes import eval_cap, run_trm
+
+    subj, inputs, labels = real_size(n)
+    args = (subj, inputs, labels, np.zeros(n, np.int64), np.arange(n), np.zeros(n, bool), "cpu", n)
+    run_trm(subj, inputs[:1], labels[:1], np.zeros(1, np.int64), np.arange(1), np.zeros(1, bool), "cpu")  # warm-up
+    rates = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run_trm(*args)
+            times.append(time.perf_counter() - t0)
+        rates[threads] = n / statistics.median(times)
+    cap = eval_cap(subj.config, "cpu")
+    print("(d) evaluation pass, real-size Sudoku att config (random weights), CPU: " + "; ".join(
+        f"{r:.2f} puzzles/s = {60 * r:.0f} puzzles/min at {t} thread(s)" for t, r in rates.items())
+        + f" [batches of {n}, median of {repeat}]; --eval all on a CPU stops at {cap} puzzles at this size "
+          f"(about {cap / rates[1] / 60:.0f} min at 1 thread)")
 
 
 def bench_probe(repeat: int, threads: int) -> None:
     import numpy as np
     import torch
 
-    from reportgen.checkpoints import TRMSubject
-    from reportgen.models.trm import TRM, TRMConfig, inner_width
-    from reportgen.probes import probe_trm
+    from reportgen.models.trm import inner_width
+    from reportgen.probes import probe_trm, trm_flops
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg = TRMConfig(hidden_size=512, num_heads=8, expansion=4, H_cycles=3, L_cycles=6, L_layers=2, halt_max_steps=16,
-                    puzzle_emb_ndim=512, puzzle_emb_len=16, pos_encodings="rope", forward_dtype="float32")
-    model = TRM(cfg).eval()
-    subj = TRMSubject(ref=None, model=model, config=cfg, trained_dtype="bfloat16", run_config={}, config_path=None)
     B = 8
-    rng = np.random.default_rng(0)
-    labels = rng.integers(2, 11, size=(B, 81))
-    inputs = np.where(rng.random((B, 81)) < 0.6, 1, labels)
+    subj, inputs, labels = real_size(B)
+    cfg = subj.config
     args = (subj, inputs, labels, np.zeros(B, np.int64), np.arange(B), "cpu")
     probe_trm(subj, inputs[:1], labels[:1], np.zeros(1, np.int64), np.arange(1), "cpu")  # warm-up
     flops = trm_flops(cfg, B)
@@ -182,7 +208,7 @@ def main():
     ap.add_argument("--ckpt", type=Path, help="checkpoint for (a) [default: the shipped example's last step]")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", default="a,b,c", help="which benchmarks to run, e.g. a,c")
+    ap.add_argument("--only", default="a,b,c,d", help="which benchmarks to run, e.g. a,c")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     sys.path.insert(0, str(ROOT))
@@ -193,6 +219,8 @@ def main():
         bench_probe(args.repeat, args.threads)
     if "c" in which:
         bench_figure(max(args.repeat, 5))
+    if "d" in which:
+        bench_eval(args.repeat)
 
 
 if __name__ == "__main__":

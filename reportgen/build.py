@@ -421,7 +421,8 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
                 f.width, f.height = display_size(f.drawing)
             for f in figs:
                 save(f, tmp / "figures" / f.stem, ("png",), dpi=opts.dpi)
-        meta["files"] = report_files(opts, sections) + (
+        evalset = getattr(trace, "eval", None)  # TRM: the evaluation set's compact arrays
+        meta["files"] = sorted(report_files(opts, sections) + (["data/eval.npz"] if evalset is not None else [])) + (
             sorted(f"sae/{p.name}" for p in sae_dir.iterdir() if p.is_file()) if sae_dir else [])
         meta["cache_key"] = key
         if sae_dir is not None:
@@ -437,6 +438,8 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
                 save(f, tmp / "figures" / f.stem, vector)
         with timer("analyses"):
             trace.save(tmp / "data" / "trace.npz")
+            if evalset is not None:
+                evalset.save(tmp / "data" / "eval.npz")
             for s in sections:
                 (tmp / "data" / f"{s['name']}.json").write_text(json.dumps(s["data"], indent=1, allow_nan=False,
                                                                            default=_json_default) + "\n")

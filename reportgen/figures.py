@@ -337,3 +337,27 @@ def _canvas_pdf(canvas: Canvas, path: Path) -> None:
                     va="center_baseline", fontweight="bold" if bold else "normal")
     font_fallback(fig)
     fig.savefig(path, format="pdf", metadata={"CreationDate": None, "ModDate": None})
+
+
+def metric_line(ax, xs: list, metrics: list, **kw) -> bool:
+    """Metrics (reportgen.stats dicts, or bare numbers of an older report) as a line over xs, with their 95%
+    intervals as a band (an error bar for a single point) where they have one; None values leave gaps. False when
+    every value is None."""
+    from .stats import value
+
+    nan = float("nan")
+    ys = [value(m) for m in metrics]
+    if all(v is None for v in ys):
+        return False
+    ax.plot(xs, [nan if v is None else v for v in ys], **kw)
+    lo = [m["lo"] if isinstance(m, dict) and m.get("lo") is not None else nan for m in metrics]
+    hi = [m["hi"] if isinstance(m, dict) and m.get("hi") is not None else nan for m in metrics]
+    if sum(v is not None for v in ys) > 1:
+        ax.fill_between(xs, lo, hi, color=kw.get("color"), alpha=0.18, lw=0)
+    else:  # a band needs two points: one point gets an error bar
+        y = next(v for v in ys if v is not None)
+        x, l, h = next((x, a, b) for x, v, a, b in zip(xs, ys, lo, hi) if v is not None)
+        if l == l and h == h:  # not nan
+            ax.errorbar([x], [y], yerr=[[max(0.0, y - l)], [max(0.0, h - y)]], fmt="none", ecolor=kw.get("color"),
+                        elinewidth=0.8, capsize=2)
+    return True

@@ -17,15 +17,38 @@ def templates_dir() -> Path:
 
 
 def _pct(v, digits: int = 1) -> str:
+    from .stats import value
+
+    v = value(v)  # a metric dict shows its value here; `metric` shows its interval and n too
     return "–" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def _num(v, digits: int = 2) -> str:
+    from .stats import value
+
+    v = value(v)
     if v is None:
         return "–"
     if isinstance(v, int):
         return f"{v:,}"
     return f"{v:.{digits}f}"
+
+
+def _metric(m, kind: str = "num"):
+    """A metric with its 95% interval and n, as markup: value, then a smaller "[lo, hi] (n=…)" (a bare number
+    from an older report.json shows alone)."""
+    import markupsafe
+
+    from .stats import fmt, value
+
+    if value(m) is None:
+        return "–"
+    v = fmt(value(m), kind)
+    rest = fmt(m, kind)[len(v):].strip()  # "[lo, hi] (n=…)"
+    out = markupsafe.Markup('<span class="mv">{}</span>').format(v)
+    if rest:
+        out += markupsafe.Markup(' <span class="ci">{}</span>').format(rest)
+    return out
 
 
 @lru_cache(maxsize=4096)
@@ -93,6 +116,7 @@ def environment():
     )
     env.filters["pct"] = _pct
     env.filters["num"] = _num
+    env.filters["metric"] = _metric
     env.filters["tok"] = _tok
     env.filters["heat"] = _heat
     env.filters["runs"] = _runs

@@ -142,25 +142,32 @@ def metric_keys(runs: dict[str, list[dict]]) -> list[str]:
 
 def summary_markdown(runs: dict[str, list[dict]]) -> str:
     """Markdown tables of every report's headline metrics, one per run with that run's metrics (fit for
-    $GITHUB_STEP_SUMMARY)."""
-    parts = []
+    $GITHUB_STEP_SUMMARY); each cell is the value, its 95% interval and n."""
+    from .stats import fmt
+
+    parts = ["Each metric: value [95% interval] (n), Wilson for proportions, bootstrap for means.\n"]
     for run, reports in runs.items():
         keys = metric_keys({run: reports})
         lines = [f"### {run}", "", "| checkpoint | " + " | ".join(METRIC_LABELS[k][0] for k in keys) + " |",
                  "| --- | " + " | ".join("---:" for _ in keys) + " |"]
         for r in reports:
-            cells = []
-            for k in keys:
-                v = r["metrics"].get(k)
-                cells.append("–" if v is None else f"{100 * v:.1f}%" if METRIC_LABELS[k][1] == "pct" else f"{v:.2f}")
+            cells = [fmt(r["metrics"].get(k), METRIC_LABELS[k][1]) for k in keys]  # value [95% interval] (n=…)
             lines.append(f"| [{r['name']}]({r['path']}index.html) | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
+def _plot_metric(ax, steps: list, reports: list[dict], key: str, **kw) -> bool:
+    """One metric across checkpoints, with its 95% band (figures.metric_line)."""
+    from .figures import metric_line
+
+    return metric_line(ax, steps, [r["metrics"].get(key) for r in reports], **kw)
+
+
 def trend_figure(reports: list[dict]):
     """Headline metrics across training steps (matplotlib), or None when no report has a step and metrics."""
     from .figures import ACCENT, BAD, GOOD, MUTED, Figure, mpl_figure
+    from .stats import value
 
     pts = [r for r in reports if r["step"] is not None and r["metrics"]]
     if not pts:
@@ -172,21 +179,21 @@ def trend_figure(reports: list[dict]):
     a, b = ax[0]
     colours = {"blank_accuracy": ACCENT, "exact_solve_rate": GOOD, "halt_precision": MUTED, "halt_recall": BAD}
     for k, colour in colours.items():
-        ys = [r["metrics"].get(k) for r in pts]
-        if any(v is not None for v in ys):
-            a.plot(steps, [float("nan") if v is None else v for v in ys], marker="o", ms=3, color=colour,
-                   ls="-" if k in ("blank_accuracy", "exact_solve_rate") else ":", label=METRIC_LABELS[k][0])
+        _plot_metric(a, steps, pts, k, marker="o", ms=3, color=colour,
+                     ls="-" if k in ("blank_accuracy", "exact_solve_rate") else ":", label=METRIC_LABELS[k][0])
     a.set(xlabel="training step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy and halting")
     a.legend(loc="best")
-    ys = [r["metrics"].get("mean_steps_to_first_correct") for r in pts]
-    b.plot(steps, [float("nan") if v is None else v for v in ys], marker="s", ms=3, color=ACCENT)
+    _plot_metric(b, steps, pts, "mean_steps_to_first_correct", marker="s", ms=3, color=ACCENT)
+    tops = [m.get("hi") if isinstance(m, dict) and m.get("hi") is not None else value(m)
+            for m in (r["metrics"].get("mean_steps_to_first_correct") for r in pts)]
     b.set(xlabel="training step", ylabel="ACT steps", title="(b) mean steps to the first correct board",
-          ylim=(0, 1.15 * max([v for v in ys if v is not None], default=1)),  # from 0: a flat line reads as flat
+          ylim=(0, 1.15 * max([v for v in tops if v is not None], default=1)),  # from 0: a flat line reads as flat
           xlim=a.get_xlim())  # the same steps as (a), also where no puzzle was solved yet
     return Figure("trend-metrics", (
-        "Headline metrics of each checkpoint's report against its training step, over the puzzles each report ran "
-        "(after the last ACT step). Dotted: halting precision and recall of q_halt > 0; gaps: no puzzle in the "
-        "denominator, or none solved."), fig, alt="Metrics across training steps")
+        "Headline metrics of each checkpoint's report against its training step, over the evaluation puzzles each "
+        "report ran (after the last ACT step); bands: 95% intervals (Wilson for the fractions, bootstrap over the "
+        "solved puzzles for the mean steps). Dotted: halting precision and recall of q_halt > 0; gaps: no puzzle in "
+        "the denominator, or none solved."), fig, alt="Metrics across training steps")
 
 
 def write_run_overview(out: Path, run: str, reports: list[dict], version: str, pdf: bool = False, worker=None) -> None:
@@ -284,10 +291,7 @@ def _lm_trend_figure(pts: list[dict], steps: list[int]):
     for side, keys in ((a, {"masked_accuracy": ACCENT, "next_token_accuracy": ACCENT, "sae_explained_variance": GOOD}),
                        (b, {"loss": BAD, "attention_entropy": MUTED})):
         for k, colour in keys.items():
-            ys = [r["metrics"].get(k) for r in pts]
-            if any(v is not None for v in ys):
-                side.plot(steps, [float("nan") if v is None else v for v in ys], marker="o", ms=3, color=colour,
-                          label=METRIC_LABELS[k][0])
+            _plot_metric(side, steps, pts, k, marker="o", ms=3, color=colour, label=METRIC_LABELS[k][0])
         if side.get_legend_handles_labels()[0]:
             side.legend(loc="best")
     a.set(xlabel="training step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy, SAE fit")

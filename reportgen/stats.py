@@ -33,7 +33,8 @@ def proportion(k: int, n: int) -> dict:
     if n == 0:
         return metric(None, 0, interval="wilson")
     lo, hi = wilson(k, n)
-    return metric(k / n, n, lo, hi, "wilson")
+    p = k / n
+    return metric(p, n, min(lo, p), max(hi, p), "wilson")  # (rounding can put a bound a hair past p at 0 or 1)
 
 
 def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -51,6 +52,36 @@ def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> dict:
         means[i:i + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return metric(x.mean(), x.size, lo, hi, "bootstrap")
+
+
+def bootstrap_ratios(num, den=None, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Per row k of num [K, N] (and den [K, N], default all ones): sum(num[k]) / sum(den[k]) with a percentile
+    bootstrap 95% interval (2000 resamples) that resamples the N units (e.g. puzzles) with one shared set of resamples for all rows
+    (a cluster bootstrap when a unit holds several values, e.g. the blank cells of a puzzle). n is sum(den[k]):
+    the values averaged. Memory is bounded (resamples in chunks of about 4M indices); time is O(n_boot·N·K)."""
+    num = np.atleast_2d(np.asarray(num, dtype=np.float64))
+    den = np.ones_like(num) if den is None else np.atleast_2d(np.asarray(den, dtype=np.float64))
+    K, N = num.shape
+    tot_num, tot_den = num.sum(1), den.sum(1)
+    if N < 2:
+        return [metric(a / b if b else None, b, interval="bootstrap") for a, b in zip(tot_num, tot_den)]
+    rng = np.random.default_rng(seed)
+    ratios = np.empty((K, n_boot))
+    step = max(1, min(n_boot, 4_000_000 // N))
+    for i in range(0, n_boot, step):  # each resample as counts per unit: its sums over all rows are one GEMM
+        idx = rng.integers(0, N, size=(min(step, n_boot - i), N))
+        w = np.stack([np.bincount(r, minlength=N) for r in idx]).astype(np.float64)  # [m, N]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios[:, i:i + len(w)] = (w @ num.T).T / (w @ den.T).T
+    out = []
+    for k in range(K):
+        if not tot_den[k]:
+            out.append(metric(None, 0, interval="bootstrap"))
+            continue
+        r = ratios[k][np.isfinite(ratios[k])]
+        lo, hi = np.percentile(r, [2.5, 97.5]) if r.size else (None, None)
+        out.append(metric(tot_num[k] / tot_den[k], tot_den[k], lo, hi, "bootstrap"))
+    return out
 
 
 def value(m):

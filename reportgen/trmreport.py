@@ -13,10 +13,12 @@ from .errors import ReportgenError
 
 def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None):
     import analyses
+    import numpy as np
 
+    from .build import eval_count, memory_budget
     from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
     from .datasets import check_ids, read_split, select
-    from .probes import probe_trm
+    from .probes import eval_batch_size, eval_cap, run_trm
 
     ref, sha = job.ref, job.sha
     run_config, config_path, data_dir, data_how = job.run_config, job.config_path, job.data_dir, job.data_how
@@ -35,14 +37,28 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
                   subject.config.num_puzzle_identifiers if subject.config.puzzle_emb_ndim > 0 else None)
         idx = select(len(split), opts.samples, opts.select, opts.seed, str(data_dir / opts.split))
     cfg = subject.config
-    _log(opts, f"  probing {cfg.halt_max_steps} ACT steps × {len(idx)} puzzles on {device} ({cfg.forward_dtype})")
+    selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
+    evaluation = plan_evaluation(len(split), eval_count(opts), eval_cap(cfg, device), str(data_dir / opts.split))
+    n_eval = evaluation["puzzles"] if any(getattr(m, "USES_EVAL", False) for m in selected) else 0
+    # one pass: the first n_eval puzzles (compact arrays for the metrics), then the drawn ones not among them;
+    # the full trace is kept of the drawn puzzles only
+    rows = np.concatenate([np.arange(n_eval), idx[idx >= n_eval]])
+    keep = np.isin(rows, idx)
+    batch = eval_batch_size(cfg, memory_budget(opts))
+    capped = f" (the cap of --eval all on {device})" if evaluation["capped"] and n_eval else ""
+    _log(opts, f"  evaluating {n_eval} of {len(split)} puzzles{capped}, drawing {len(idx)}: {cfg.halt_max_steps} ACT "
+               f"steps × {len(rows)} puzzles on {device} ({cfg.forward_dtype}), batches of {batch}")
     if device == "cpu" and cfg.forward_dtype != "float32":
         _log(opts, f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
     with timer("probe"):
-        trace = probe_trm(subject, split.inputs[idx], split.labels[idx], split.puzzle_identifiers[idx], idx, device,
-                          progress=_progress(opts))
+        ev, trace = run_trm(subject, split.inputs[rows], split.labels[rows], split.puzzle_identifiers[rows], rows, keep,
+                            device, batch, progress=_progress(opts, "puzzles"))
+    if n_eval:
+        trace.eval = ev.head(n_eval)
+        trace.eval.info = {k: v for k, v in evaluation.items() if k != "puzzles"}
+    else:
+        evaluation = {**evaluation, "puzzles": 0}
 
-    selected = [m for m in analyses.for_subject("trm") if not opts.only or m.NAME in opts.only]
     sections, metrics = [], {}
     for mod in selected:
         with timer("analyses"):
@@ -56,8 +72,19 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
     from .probes import TRACE_ARRAYS
 
     meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
+    meta["evaluation"] = evaluation
     ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
     return write_report(job, opts, meta, ctx, trace, sections, timer, worker)
+
+
+def plan_evaluation(n_split: int, requested: int | None, cap: int, where: str) -> dict:
+    """Which puzzles the metrics run over: the first `requested` of the split, or with --eval all the whole
+    split up to `cap` (then `capped` says so, and the report states it)."""
+    if requested is not None and requested > n_split:
+        raise ReportgenError(f"{where}: --eval {requested} is larger than the split ({n_split} puzzles)")
+    n = min(n_split, cap) if requested is None else requested
+    return {"puzzles": int(n), "split_puzzles": int(n_split), "requested": "all" if requested is None else int(requested),
+            "cap": int(cap), "capped": requested is None and n_split > cap, "selection": "first"}
 
 
 def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections) -> dict:
@@ -99,11 +126,15 @@ def report_context(meta, subject, sections, trace_arrays, trace) -> dict:
         f"  howpublished = {{reportgen {meta['versions']['reportgen']}}},\n"
         f"  note         = {{Checkpoint {Path(meta['checkpoint']['path']).name}, sha256 {meta['checkpoint']['sha256']}; "
         f"{meta['dataset']['split']} split of {Path(meta['dataset']['path']).name}, "
-        f"{len(meta['dataset']['puzzle_indices'])} puzzles}}\n}}"
+        f"metrics over {meta['evaluation']['puzzles']} puzzles, figures of {len(meta['dataset']['puzzle_indices'])}}}\n}}"
     )
+    from .probes import EVAL_ARRAYS
+
     shapes = {k: list(v.shape) for k, v in trace.arrays.items()}
+    ev_shapes = {k: list(v.shape) for k, v in trace.eval.arrays.items()} if trace.eval is not None else {}
     return {
         "meta": meta, "title": title, "config_rows": config_rows, "run_rows": run_rows, "notes": subject.notes,
         "sections": sections, "trace_arrays": [(k, shapes.get(k), d) for k, d in trace_arrays.items()],
+        "eval_arrays": [(k, ev_shapes[k], d) for k, d in EVAL_ARRAYS.items()] if ev_shapes else [],
         "bibtex": bib, "site_root": "../../",
     }

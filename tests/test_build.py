@@ -70,11 +70,14 @@ def test_exported_data_matches_trace(site):
     for i, s in enumerate(ev["samples"]):
         assert [st["preds"] for st in s["steps"]] == preds[:, i].tolist()
         assert [st["q_halt"] for st in s["steps"]] == pytest.approx(q_halt[:, i].tolist())
+    # the statistics are over the evaluation set (the whole split of 12), the trace holds the 3 drawn puzzles
     st = json.loads((rep / "data/solving_stats.json").read_text())
-    with np.load(rep / "data/trace.npz") as z:
-        blank = z["inputs"] == 1
-        acc = (z["preds"][-1] == z["labels"])[blank].mean()
-    assert st["per_step"][-1]["blank_accuracy"] == pytest.approx(acc)
+    with np.load(rep / "data/eval.npz") as e, np.load(rep / "data/trace.npz") as z:
+        assert e["puzzle_index"].tolist() == list(range(12)) and z["puzzle_index"].tolist() == [0, 1, 2]
+        acc, cells = e["correct_last"][e["blank"]].mean(), int(e["blank"].sum())
+        assert np.array_equal(e["correct_last"][:3], z["preds"][-1] == z["labels"])
+    assert st["per_step"][-1]["blank_accuracy"]["value"] == pytest.approx(acc)
+    assert st["per_step"][-1]["blank_accuracy"]["n"] == cells and st["puzzles"] == 12
 
 
 def test_pdf_opens_with_pages_and_bookmarks(site):
@@ -107,12 +110,14 @@ def test_site_index_and_manifest_keep_every_report(site, tiny_run):
     m = man["reports"][0]["metrics"]
     st = json.loads((out / "tiny-run/step_100/data/solving_stats.json").read_text())
     assert m["blank_accuracy"] == st["summary"]["blank_accuracy"]
-    assert f"{100 * m['blank_accuracy']:.1f}%" in index
+    assert f"{100 * m['blank_accuracy']['value']:.1f}%" in index and f"(n={m['blank_accuracy']['n']})" in index
     summary = (out / "summary.md").read_text().splitlines()
     assert "### tiny-run" in summary and summary[summary.index("### tiny-run") + 2].startswith("| checkpoint | blank-cell acc. |")
     rows = [ln for ln in summary if ln.startswith("| [step_")]
     assert len(rows) == 2 and rows[0].startswith("| [step_100](tiny-run/step_100/index.html) |")
-    assert f"| {100 * m['blank_accuracy']:.1f}% |" in rows[0]
+    from reportgen.stats import fmt
+
+    assert f"| {fmt(m['blank_accuracy'], 'pct')} |" in rows[0] and "(n=" in rows[0]
     assert (out / "404.html").is_file() and "Not found" in (out / "404.html").read_text()
 
 

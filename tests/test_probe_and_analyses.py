@@ -8,7 +8,8 @@ import analyses
 from analyses import solving_stats, step_evolution, sudoku_latents
 from conftest import make_model, run_act
 from reportgen.checkpoints import TRMSubject
-from reportgen.probes import TRMTrace, probe_trm, reverse_embed
+from reportgen.probes import TRMTrace, evalset_from_trace, probe_trm, reverse_embed
+from reportgen.stats import value
 
 
 def probe(model, n=4, seed=0):
@@ -84,29 +85,33 @@ def hand_trace() -> TRMTrace:
                   q_halt=q_halt, q_continue=np.full((T, N), -5.0, np.float32), halted=np.eye(T, dtype=bool)[[-1]].T.repeat(N, 1),
                   z_H=np.zeros((N, P + 81, D), np.float32), z_L=np.zeros((N, P + 81, D), np.float32),
                   z_H_tokens=np.stack([labels] * 3).astype(np.int32), z_L_tokens=np.ones((T, N, 81), np.int32), embedding=E)
-    return TRMTrace(arrays=arrays, prefix_len=P)
+    tr = TRMTrace(arrays=arrays, prefix_len=P)
+    tr.eval = evalset_from_trace(tr)  # the metrics' evaluation set: here the same two puzzles
+    return tr
 
 
 def test_solving_stats_on_hand_trace():
     d = solving_stats.compute(hand_trace(), solving_stats.Params(calibration_bins=10))
-    s1, s2, s3 = d["per_step"]
+    s1, s2, s3 = ({k: value(v) for k, v in p.items()} for p in d["per_step"])
     assert s1["blank_accuracy"] == pytest.approx(1 / 3)  # 3 blanks, only puzzle 0 cell 1 right
     assert s2["blank_accuracy"] == pytest.approx(2 / 3)
-    assert [s["exact_solve_rate"] for s in d["per_step"]] == [0.0, 0.5, 0.5]
+    assert d["per_step"][0]["blank_accuracy"]["n"] == 3 and d["per_step"][0]["exact_solve_rate"]["n"] == 2
+    assert [value(s["exact_solve_rate"]) for s in d["per_step"]] == [0.0, 0.5, 0.5]
     assert s1["cells_changed"] is None and s2["cells_changed"] == pytest.approx(0.5) and s3["cells_changed"] == 0.0
     # halting: step 2 -> only puzzle 1 halts and it is wrong; step 3 both halt, one solved
     assert s1["halt_precision"] is None and s1["halt_recall"] is None
     assert s2["halt_precision"] == 0.0 and s2["halt_recall"] == 0.0
     assert s3["halt_precision"] == 0.5 and s3["halt_recall"] == 1.0
+    assert d["per_step"][2]["halt_precision"]["n"] == 2 and d["per_step"][2]["halt_recall"]["n"] == 1
     assert d["halting_last_step"] == {"true_positive": 1, "false_positive": 1, "false_negative": 0, "true_negative": 0}
-    assert d["first_correct_step"] == [2, None]
     assert d["first_correct_histogram"] == {"1": 0, "2": 1, "3": 0, "never": 1}
-    assert d["summary"]["mean_steps_to_first_correct"] == 2.0
+    assert d["summary"]["mean_steps_to_first_correct"] == {"value": 2.0, "n": 1, "lo": None, "hi": None,
+                                                          "interval": "bootstrap"}
     # calibration at the last step: blank cells have confidence .95 (2 right) and .35 (1 wrong)
     cal = {b["lo"]: b for b in d["calibration"]["bins"] if b["count"]}
-    assert cal[0.3]["count"] == 1 and cal[0.3]["accuracy"] == 0.0
-    assert cal[0.9]["count"] == 2 and cal[0.9]["accuracy"] == 1.0
-    assert d["calibration"]["ece"] == pytest.approx((1 * 0.35 + 2 * 0.05) / 3, abs=1e-6)
+    assert cal[0.3]["count"] == 1 and value(cal[0.3]["accuracy"]) == 0.0
+    assert cal[0.9]["count"] == 2 and value(cal[0.9]["accuracy"]) == 1.0
+    assert value(d["calibration"]["ece"]) == pytest.approx((1 * 0.35 + 2 * 0.05) / 3, abs=1e-6)
     assert s1["confidence_wrong"] == pytest.approx((0.55 + 0.35) / 2)
     # revisions: puzzle 0 cell 0 changed once (steps 1->2); cell 5 is blank only in puzzle 1, never changed
     assert d["cell_changes"][0] == 1.0 and d["cell_changes"][5] == 0.0 and d["cell_changes"][10] is None
