@@ -17,10 +17,23 @@ def templates_dir() -> Path:
 
 
 def _pct(v, digits: int = 1) -> str:
+    from .stats import value
+
+    v = value(v)  # a metric dict shows its value
     return "–" if v is None else f"{100 * v:.{digits}f}%"
 
 
+def _ci(m, kind: str = "num") -> str:
+    """A metric dict as '1.23 [1.18, 1.29] (n=512)' (kind pct: '67.0% [64.2, 69.7] (n=16200)')."""
+    from .stats import fmt
+
+    return fmt(m, kind)
+
+
 def _num(v, digits: int = 2) -> str:
+    from .stats import value
+
+    v = value(v)
     if v is None:
         return "–"
     if isinstance(v, int):
@@ -92,6 +105,7 @@ def environment():
     )
     env.filters["pct"] = _pct
     env.filters["num"] = _num
+    env.filters["ci"] = _ci
     env.filters["tok"] = _tok
     env.filters["heat"] = _heat
     env.filters["runs"] = _runs

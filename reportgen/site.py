@@ -130,6 +130,8 @@ def metric_keys(runs: dict[str, list[dict]]) -> list[str]:
 def summary_markdown(runs: dict[str, list[dict]]) -> str:
     """Markdown tables of every report's headline metrics, one per run with that run's metrics (fit for
     $GITHUB_STEP_SUMMARY)."""
+    from .stats import value
+
     parts = []
     for run, reports in runs.items():
         keys = metric_keys({run: reports})
@@ -138,7 +140,7 @@ def summary_markdown(runs: dict[str, list[dict]]) -> str:
         for r in reports:
             cells = []
             for k in keys:
-                v = r["metrics"].get(k)
+                v = value(r["metrics"].get(k))
                 cells.append("–" if v is None else f"{100 * v:.1f}%" if METRIC_LABELS[k][1] == "pct" else f"{v:.2f}")
             lines.append(f"| [{r['name']}]({r['path']}index.html) | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
@@ -254,6 +256,7 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pd
 
 def _lm_trend_figure(pts: list[dict], steps: list[int]):
     """Language-model runs: accuracy and SAE explained variance (fractions); loss and attention entropy (nats)."""
+    from .stats import value
     from .figures import ACCENT, BAD, GOOD, MUTED, Figure, mpl_figure
 
     fig, ax = mpl_figure(1, 2, (6.6, 2.5))
@@ -261,7 +264,7 @@ def _lm_trend_figure(pts: list[dict], steps: list[int]):
     for side, keys in ((a, {"masked_accuracy": ACCENT, "next_token_accuracy": ACCENT, "sae_explained_variance": GOOD}),
                        (b, {"loss": BAD, "attention_entropy": MUTED})):
         for k, colour in keys.items():
-            ys = [r["metrics"].get(k) for r in pts]
+            ys = [value(r["metrics"].get(k)) for r in pts]
             if any(v is not None for v in ys):
                 side.plot(steps, [float("nan") if v is None else v for v in ys], marker="o", ms=3, color=colour,
                           label=METRIC_LABELS[k][0])
