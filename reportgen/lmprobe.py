@@ -202,8 +202,8 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
     full = bool(att) or "predictions" in needs or not want_sae or layer_of(hook) is None
     stop = None if full else layer_of(hook) + 1
     d_sae = int(sae.cfg.d_sae) if want_sae else 0
-    B = batch_size(forward_bytes(cfg, T, logits=full or loss_seqs > 0, d_sae=d_sae), budget, max_batch)
     end = max(n_eval, n_act) if full else n_act
+    B = min(batch_size(forward_bytes(cfg, T, logits=full or loss_seqs > 0, d_sae=d_sae), budget, max_batch), max(end, 1))
     cuts = sorted({0, n_act, end} | ({loss_seqs} if stop is not None else set()))
     batches = [(lo, min(lo + B, b)) for a, b in zip(cuts, cuts[1:]) for lo in range(a, b, B)]
     token_loss, hits, clean = [], 0, [0.0, 0]
