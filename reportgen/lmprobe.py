@@ -100,8 +100,17 @@ def backward_bytes(cfg, seq_len: int) -> int:
     """Bytes one sequence holds for a backward pass: every layer's saved activations and patterns, and
     the logits with their gradient."""
     T, D, F, H, V = seq_len, cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.n_heads, cfg.d_vocab
-    per_layer = F32 * T * (14 * D + 4 * F) + F32 * 4 * H * T * T
+    per_layer = F32 * T * (16 * D + 4 * F) + F32 * 6 * H * T * T  # measured: about 6 [H,T,T] per layer
     return cfg.n_layers * per_layer + F32 * 4 * T * V
+
+
+def checkpointed_bytes(cfg, seq_len: int) -> int:
+    """Bytes one sequence holds for a backward pass that recomputes each layer (only the residual stream
+    between layers is kept): one layer's saved activations, recomputed, with their gradients and the
+    allocator's slack (about four times one layer's, measured on the seed-004 model)."""
+    T, D = seq_len, cfg.d_model
+    one = (backward_bytes(cfg, seq_len) - F32 * 4 * T * cfg.d_vocab) // cfg.n_layers
+    return F32 * T * D * (cfg.n_layers + 1) + 4 * one + F32 * 4 * T * cfg.d_vocab
 
 
 def batch_size(per_item: int, budget: int, cap: int | None = None) -> int:
@@ -254,8 +263,11 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
                            "rows": n_act * T, "per_sequence": seq_ent.astype(np.float32), "seq_len": T}
     if "gradients" in needs:
         gb = min(int(needs["gradients"].get("batch", 8)), N)
-        micro = batch_size(backward_bytes(cfg, T), budget, max_batch)
-        trace.gradients = gradient_norms(model, inputs, targets, scored, gb, device, micro)
+        per_seq = backward_bytes(cfg, T)
+        room = max(budget - F32 * sum(p.numel() for p in model.parameters()), 1)  # less the parameters' gradients
+        recompute = per_seq > room  # not even one sequence's saved activations fit: recompute layer by layer
+        micro = batch_size(checkpointed_bytes(cfg, T) if recompute else per_seq, room, max_batch)
+        trace.gradients = gradient_norms(model, inputs, targets, scored, gb, device, micro, recompute)
     if "token_map" in needs:
         spec = needs["token_map"]
         trace.token_map = token_map(model, spec, device, token_map_batch(spec, cfg, budget))
@@ -266,9 +278,22 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
     return trace
 
 
-def gradient_norms(model, inputs, targets, scored, batch: int, device: str, micro: int | None = None) -> list:
+def _logits_recomputed(model, x):
+    """Logits whose backward recomputes each block from its input (torch.utils.checkpoint): the memory of a
+    backward pass is one layer's activations, not all layers'. The same gradient as a plain forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    resid = model(x, stop_at_layer=0)  # embeddings (and positional embeddings) only
+    for i in range(model.cfg.n_layers):
+        resid = checkpoint(lambda r, i=i: model(r, start_at_layer=i, stop_at_layer=i + 1), resid, use_reentrant=False)
+    return model(resid, start_at_layer=model.cfg.n_layers)
+
+
+def gradient_norms(model, inputs, targets, scored, batch: int, device: str, micro: int | None = None,
+                   recompute: bool = False) -> list:
     """L2 norm of each parameter's gradient of the mean loss over the scored positions of the first `batch`
-    sequences, accumulated over micro-batches of `micro` sequences (the same gradient, bounded memory)."""
+    sequences, accumulated over micro-batches of `micro` sequences (the same gradient, bounded memory);
+    `recompute`: each layer recomputed in the backward pass (for sequences whose activations do not fit)."""
     import torch
 
     micro = micro or batch
@@ -280,7 +305,8 @@ def gradient_norms(model, inputs, targets, scored, batch: int, device: str, micr
             sc = torch.as_tensor(scored[lo:hi], device=device)
             if not sc.any():
                 continue
-            logits = model(torch.as_tensor(inputs[lo:hi], device=device))
+            x = torch.as_tensor(inputs[lo:hi], device=device)
+            logits = _logits_recomputed(model, x) if recompute else model(x)
             lg = logits[sc].float()
             t = torch.as_tensor(targets[lo:hi], device=device)[sc]
             loss = (torch.logsumexp(lg, -1) - lg.gather(-1, t[:, None]).squeeze(-1)).sum() / max(total, 1)

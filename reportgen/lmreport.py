@@ -69,6 +69,7 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
             raise ReportgenError(f"{ref.path}: not a language-model checkpoint reportgen knows (expected "
                                  f"{{model_state_dict, config, vocab_size}} or {{cfg, state_dict}})")
         model, causal, rows, declared = load_model(ref.path, obj, fmt, device)
+        del obj  # the model holds its own copy of the weights
         cfg = model.cfg
         vocab, vocab_src, byte_level = load_vocab(opts.vocab, ref.path, cfg.d_vocab)
         mask_id = resolve_mask_id(opts.mask_id, special_id(vocab, MASK_NAMES, declared["mask"], cfg.d_vocab), cfg.d_vocab)
