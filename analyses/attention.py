@@ -11,6 +11,7 @@ import numpy as np
 from reportgen.errors import ReportgenError
 from reportgen.figures import Figure, mpl_figure
 from reportgen.lm import show_token, symbol_key
+from reportgen.stats import bootstrap_mean
 
 NAME = "attention"
 TITLE = "Attention patterns and entropy"
@@ -77,7 +78,7 @@ class Params:
 
 
 def needs(params: Params) -> dict:
-    return {"attention": {"sample": params.sample}}
+    return {"attention": {"sample": params.sample, "positions": params.max_tokens}}
 
 
 def reading(e: float, p: Params) -> str:
@@ -86,7 +87,7 @@ def reading(e: float, p: Params) -> str:
 
 def compute(trace, params: Params) -> dict:
     a = trace.attention
-    n = min(params.max_tokens, a["pattern"].shape[-1])
+    n = min(params.max_tokens, a["pattern"].shape[-1])  # the probe keeps only the shown window
     pat = a["pattern"][:, :, :n, :n]  # [L,H,n,n]
     ids = trace.inputs[a["sample"], :n]
     heads = []
@@ -101,13 +102,17 @@ def compute(trace, params: Params) -> dict:
         layers.append({"layer": li, "mean": m, "min": float(a["min"][li].min()), "max": float(a["max"][li].max()),
                        "reading": reading(m, params)})
     overall = float(a["mean"].mean())
+    per_seq = a["per_sequence"]  # [n_act, L, H] mean entropy over each sequence's query rows
     return {
-        "sample": int(a["sample"]), "positions": int(n), "seq_len": int(a["pattern"].shape[-1]),
+        "sample": int(a["sample"]), "positions": int(n), "seq_len": int(a["seq_len"]),
         "tokens": [trace.vocab[int(t)] for t in ids], "token_ids": [int(t) for t in ids],
         "causal": bool(trace.causal), "query_rows": int(a["rows"]),
         "thresholds": {"focused": params.focused, "diffuse": params.diffuse},
-        "entropy": {"mean": overall, "reading": reading(overall, params), "layers": layers, "heads": heads},
-        "uniform_entropy": float(np.log(a["pattern"].shape[-1])),
+        "entropy": {"mean": overall, "reading": reading(overall, params), "layers": layers, "heads": heads,
+                    # mean over all heads with a bootstrap interval over the sequences (rows of one sequence are not
+                    # independent); n = sequences
+                    "metric": bootstrap_mean(per_seq.reshape(len(per_seq), -1).mean(1)), "sequences": int(len(per_seq))},
+        "uniform_entropy": float(np.log(a["seq_len"])),
         "pattern_mean_over_heads": np.round(pat.mean(1), 4).tolist(),  # [L][q][k]
         "pattern_heads": np.round(pat, 4).tolist(),  # [L][H][q][k]
         "draw_heads": params.heads,
@@ -115,7 +120,7 @@ def compute(trace, params: Params) -> dict:
 
 
 def metrics(data: dict) -> dict:
-    return {"attention_entropy": data["entropy"]["mean"]}
+    return {"attention_entropy": data["entropy"]["metric"]}
 
 
 TOKEN_PITCH = 0.08  # inches per token row/column in the layer heatmaps: room for a 6 pt label each

@@ -1,6 +1,7 @@
 """Prediction table (seed 001's MLM table): per scored position of the first sequences — sample,
 position, original token, what the model saw, its top-k predictions with probabilities, ✓/✗ — and
-the loss and top-1 accuracy over every scored position of every evaluation sequence. For a
+the loss (bootstrap interval over the scored positions) and top-1 accuracy (Wilson interval) over every
+scored position of every evaluation sequence (--eval); the table and the histogram show the first ones. For a
 restoration (masked) model the scored positions are the masked ones; for a causal model, every
 position predicts the next token.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reportgen.figures import BAD, GOOD, Figure, mpl_figure
+from reportgen.stats import bootstrap_mean, proportion
 
 NAME = "predictions"
 TITLE = "Predictions"
@@ -64,10 +66,12 @@ def compute(trace, params: Params) -> dict:
     m = trace.metrics
     return {
         "task": "next-token" if trace.causal else "masked",
-        "loss": m["loss"], "accuracy": m["accuracy"], "scored": m["n_scored"], "sequences": m["n_seqs"],
+        # over every scored position of the evaluation sequences; n = positions
+        "loss": bootstrap_mean(trace.token_loss), "accuracy": proportion(m["hits"], m["n_scored"]),
+        "scored": m["n_scored"], "sequences": m["n_seqs"], "eval_cap": m.get("eval_cap"),
         "seq_len": m["seq_len"], "top_k": k, "rows": rows, "shown_sequences": int(S),
-        "sample_positions": int(hit.size), "sample_accuracy": float(hit.mean()) if hit.size else None,
-        "sample_topk_accuracy": float(in_topk.mean()) if hit.size else None,
+        "sample_positions": int(hit.size), "sample_accuracy": proportion(hit.sum(), hit.size),
+        "sample_topk_accuracy": proportion(in_topk.sum(), hit.size),
         "top1_prob_correct": [round(float(x), 4) for x in p1[hit]],
         "top1_prob_wrong": [round(float(x), 4) for x in p1[~hit]],
     }

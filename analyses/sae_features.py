@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reportgen.figures import ACCENT, BAD, INK, MUTED, Canvas, Figure, power_of_ten
+from reportgen.stats import Z95, metric
 
 NAME = "sae_features"
 TITLE = "Sparse autoencoder features"
@@ -108,7 +109,7 @@ def compute(trace, params: Params) -> dict:
         rec = (losses["zero"] - losses["sae"]) / (losses["zero"] - losses["clean"])
     return {
         "hook": s["hook"], "d_in": s["d_in"], "d_sae": d, "tokens": n_tok,
-        "l0": float(len(vals) / n_tok), "explained_variance": float(s["explained_variance"]),
+        "l0": float(len(vals) / n_tok), "l0_metric": _l0_metric(rows, n_tok), "explained_variance": float(s["explained_variance"]),
         "variance_tokens": int(s["variance_tokens"]),
         "losses": {k: float(v) for k, v in losses.items()}, "loss_sequences": int(s["loss_seqs"]), "ce_recovered": rec,
         "dead": int((~alive).sum()), "alive": int(alive.sum()),
@@ -117,10 +118,23 @@ def compute(trace, params: Params) -> dict:
     }
 
 
+def _l0_metric(rows: np.ndarray, n_tok: int) -> dict:
+    """Mean active features per token over every token, with a normal-approximation 95% interval (the per-token
+    counts are many and bounded; a bootstrap would cost more than the statistics here)."""
+    per_token = np.bincount(rows, minlength=n_tok).astype(np.float64)
+    m = float(per_token.mean()) if n_tok else None
+    h = Z95 * float(per_token.std(ddof=1)) / np.sqrt(n_tok) if n_tok > 1 else None
+    return metric(m, n_tok, None if h is None else m - h, None if h is None else m + h, "normal" if h is not None else "none")
+
+
 def metrics(data: dict) -> dict:
-    out = {"sae_l0": data["l0"], "sae_explained_variance": data["explained_variance"], "sae_dead": data["dead"]}
+    """L0 over every token (n tokens); explained variance over the variance tokens and dead features of the
+    SAE's features as counts (no interval); CE recovered over the loss sequences."""
+    out = {"sae_l0": data["l0_metric"],
+           "sae_explained_variance": metric(data["explained_variance"], data["variance_tokens"]),
+           "sae_dead": metric(data["dead"], data["d_sae"])}
     if data["ce_recovered"] is not None:
-        out["sae_ce_recovered"] = data["ce_recovered"]
+        out["sae_ce_recovered"] = metric(data["ce_recovered"], data["loss_sequences"])
     return out
 
 

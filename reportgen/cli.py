@@ -74,7 +74,7 @@ class SectionedCommand(click.Command):
               help="Puzzles (TRM) drawn in the figures; metrics are computed over --eval.")
 @click.option("--eval", "eval_", default="all", show_default=True, metavar="N|all",
               help="Puzzles or sequences the metrics are computed over: the whole split / --data (up to a cap the "
-              "report states), or the first N.")
+              "report states; language models: 262,144 tokens' worth of sequences), or the first N.")
 @click.option("--select", type=click.Choice(["first", "random"]), default="first", show_default=True,
               help="Take the first N puzzles of the split, or N at random (see --seed).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -122,7 +122,8 @@ class SectionedCommand(click.Command):
 @click.option("--seq-len", "seq_len", type=click.IntRange(min=0), default=0, show_default=True,
               help="Language models: tokens per evaluation sequence (0: min(128, model context)).")
 @click.option("--max-seqs", "max_seqs", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Language models: evaluation sequences read from --data.")
+              help="Language models: sequences the activation analyses read (attention entropy, SAE codes, the "
+              "drawn samples); the loss and accuracy run over --eval.")
 @click.option("--mask-rate", "mask_rate", type=float, default=0.15, show_default=True,
               help="Masked (restoration) models: share of positions replaced by the mask token (seeded by --seed).")
 @click.option("--mask-id", "mask_id", type=click.IntRange(min=0), metavar="ID",

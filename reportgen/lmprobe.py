@@ -2,9 +2,20 @@
 
 Analyses declare what they need (`needs(params)` → dict); the probe merges those needs and runs the
 model once over the tokens in batches, with hooks that reduce each hooked activation on the fly
-(attention entropy, SAE codes) so memory stays bounded. Only what cannot come from that pass runs
+(attention entropy, SAE codes), so memory stays bounded. Only what cannot come from that pass runs
 apart: the gradient of one batch's loss, token-map grid vectors (they are not text), and the loss
 with the SAE spliced in (the clean pass must not be altered), on a subsample of sequences.
+
+Memory: the batch size comes from a budget (`--max-memory`) and the model's dimensions
+(`forward_bytes`): one batch's logits and one layer's attention patterns at a time, never all
+layers' patterns and never the logits of all sequences. Per batch, the logits are reduced to what the
+statistics need (per-token loss, top-1 hits, the top-k of the few sequences drawn) and the patterns to
+per-sequence entropy sums; the gradient batch runs as micro-batches whose gradients add up, and the
+token-map grid in batches sized the same way. So the peak is the weights plus the budget whatever
+the sequence length, the number of sequences, layers or heads.
+
+Which sequences: the first `n_eval` rows of the tokens get the loss and accuracy (`--eval`); the
+first `n_act` rows also feed the activation analyses (attention entropy, SAE codes; `--max-seqs`).
 """
 from __future__ import annotations
 
@@ -14,6 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ReportgenError
+
+F32 = 4
+DEFAULT_BUDGET = 2 * 2**30
 
 
 @dataclass
@@ -27,8 +41,9 @@ class LMTrace:
     mask_id: int | None
     n_layers: int
     n_heads: int
-    metrics: dict = field(default_factory=dict)  # loss, accuracy, n_scored
+    metrics: dict = field(default_factory=dict)  # loss, accuracy, n_scored, n_seqs (evaluation), n_act, ...
     arrays: dict = field(default_factory=dict)  # top_ids, top_probs, ... (saved to data/trace.npz)
+    token_loss: np.ndarray | None = None  # [n_scored] float32 cross-entropy of every scored evaluation token
     attention: dict | None = None
     gradients: list | None = None  # (parameter name, grad norm)
     token_map: dict | None = None
@@ -66,21 +81,69 @@ def layer_of(hook_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# ---------------------------------------------------------------- memory budget
+
+
+def forward_bytes(cfg, seq_len: int, *, logits: bool = True, d_sae: int = 0) -> int:
+    """Bytes one sequence of `seq_len` tokens holds in flight in an inference forward pass (float32).
+
+    Only one layer is alive at a time: its residual-stream, q/k/v/z and MLP activations, and its
+    attention scores and pattern with the entropy hook's temporaries (about six [H,T,T] arrays); then
+    the logits with their log-softmax temporaries (three [T,V]) and an SAE's dense codes (two [T,d_sae])."""
+    T, D, F, H, V = seq_len, cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.n_heads, cfg.d_vocab
+    layer = F32 * T * (10 * D + 3 * F) + F32 * 6 * H * T * T
+    out = F32 * 3 * T * V if logits else 0
+    return layer + out + F32 * 2 * T * d_sae
+
+
+def backward_bytes(cfg, seq_len: int) -> int:
+    """Bytes one sequence holds for a backward pass: every layer's saved activations and patterns, and
+    the logits with their gradient."""
+    T, D, F, H, V = seq_len, cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.n_heads, cfg.d_vocab
+    per_layer = F32 * T * (16 * D + 4 * F) + F32 * 6 * H * T * T  # measured: about 6 [H,T,T] per layer
+    return cfg.n_layers * per_layer + F32 * 4 * T * V
+
+
+def checkpointed_bytes(cfg, seq_len: int) -> int:
+    """Bytes one sequence holds for a backward pass that recomputes each layer (only the residual stream
+    between layers is kept): one layer's saved activations, recomputed, with their gradients and the
+    allocator's slack (about four times one layer's, measured on the seed-004 model)."""
+    T, D = seq_len, cfg.d_model
+    one = (backward_bytes(cfg, seq_len) - F32 * 4 * T * cfg.d_vocab) // cfg.n_layers
+    return F32 * T * D * (cfg.n_layers + 1) + 4 * one + F32 * 4 * T * cfg.d_vocab
+
+
+def batch_size(per_item: int, budget: int, cap: int | None = None) -> int:
+    """How many items of `per_item` bytes fit in `budget` (at least one; at most `cap`)."""
+    b = max(1, int(budget // max(per_item, 1)))
+    return min(b, cap) if cap else b
+
+
+# ---------------------------------------------------------------- the pass
+
+
 def loss_terms(logits, targets, scored):
-    """Sum of cross-entropy and of top-1 hits at the scored positions, and their count."""
-    lp = logits[scored].float().log_softmax(-1)
+    """(cross-entropy per scored position [n] float32, top-1 hits there) from one batch's logits."""
+    import torch
+
+    lg = logits[scored].float()  # [n, V]
     t = targets[scored]
-    ce = -lp.gather(-1, t[:, None]).squeeze(-1)
-    return ce.sum().item(), (lp.argmax(-1) == t).sum().item(), int(t.numel())
+    ce = torch.logsumexp(lg, -1) - lg.gather(-1, t[:, None]).squeeze(-1)
+    return ce, int((lg.argmax(-1) == t).sum().item())
 
 
 def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray, needs: dict, device: str,
-             batch_size: int = 32, samples: int = 5, sae=None, progress=None) -> LMTrace:
+             budget: int = DEFAULT_BUDGET, samples: int = 5, sae=None, progress=None, n_eval: int | None = None,
+             n_act: int | None = None, max_batch: int | None = None) -> LMTrace:
+    """One pass over the tokens. n_eval / n_act: the leading rows that get the loss / feed the activation
+    analyses (default: all); max_batch caps the batch size the budget gives (for tests)."""
     import torch
 
     model = subject.model
     cfg = model.cfg
     N, T = tokens.shape
+    n_eval = N if n_eval is None else min(n_eval, N)
+    n_act = N if n_act is None else min(n_act, N)
     if subject.causal:
         targets = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
     else:
@@ -88,34 +151,35 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
     trace = LMTrace(tokens=tokens, inputs=inputs, scored=scored, targets=targets, vocab=subject.vocab,
                     causal=subject.causal, mask_id=subject.mask_id, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
     k = int(needs.get("predictions", {}).get("top_k", 5))
-    S = min(samples, N)
+    S = min(samples, n_act)
     att = needs.get("attention")
-    sample = min(int(att.get("sample", 0)), N - 1) if att else 0
+    sample = min(int(att.get("sample", 0)), n_act - 1) if att else 0
+    shown = min(int(att.get("positions", T)), T) if att else 0  # pattern window kept for the heatmaps
     L, H = cfg.n_layers, cfg.n_heads
     ent = {"sum": torch.zeros(L, H, dtype=torch.float64), "sumsq": torch.zeros(L, H, dtype=torch.float64),
-           "min": torch.full((L, H), float("inf")), "max": torch.full((L, H), float("-inf")), "n": 0}
-    pattern = torch.zeros(L, H, T, T)
+           "min": torch.full((L, H), float("inf")), "max": torch.full((L, H), float("-inf"))}
+    seq_ent = np.zeros((n_act, L, H), dtype=np.float64) if att else None  # per-sequence mean entropy
+    pattern = torch.zeros(L, H, shown, shown)
     want_sae = sae is not None and "sae" in needs
     hook = sae.cfg.metadata.hook_name if want_sae else None
     sae_rows, sae_cols, sae_vals, err_sq = [], [], [], 0.0
-    loss_seqs = min(int(needs.get("sae", {}).get("loss_seqs", 8)), N) if want_sae else 0
+    loss_seqs = min(int(needs.get("sae", {}).get("loss_seqs", 8)), n_act) if want_sae else 0
     kept_acts = []  # hook activations of the first loss_seqs sequences, for the spliced-in loss
     x_sum = x_sq = None
     state = {"lo": 0}
-    var_seqs = min(int(needs.get("sae", {}).get("variance_seqs", 64)), N) if want_sae else 0
+    var_seqs = min(int(needs.get("sae", {}).get("variance_seqs", 64)), n_act) if want_sae else 0
 
     def on_pattern(p, hook):  # [B,H,q,k]
         li = layer_of(hook.name)
-        e = -(p * p.clamp_min(1e-30).log()).sum(-1)  # [B,H,q]
+        e = torch.special.entr(p).sum(-1)  # [B,H,q]: -sum p log p, 0 where p is 0
         ent["sum"][li] += e.sum((0, 2)).double().cpu()
         ent["sumsq"][li] += (e.double() ** 2).sum((0, 2)).cpu()
         ent["min"][li] = torch.minimum(ent["min"][li], e.amin((0, 2)).cpu())
         ent["max"][li] = torch.maximum(ent["max"][li], e.amax((0, 2)).cpu())
-        if li == 0:
-            ent["n"] += e.shape[0] * e.shape[2]
         lo = state["lo"]
+        seq_ent[lo:lo + e.shape[0], li] = e.double().mean(-1).cpu().numpy()
         if lo <= sample < lo + p.shape[0]:
-            pattern[li] = p[sample - lo].float().cpu()
+            pattern[li] = p[sample - lo, :, :shown, :shown].float().cpu()
 
     def on_sae(x, hook):  # [B,T,d_in]
         nonlocal err_sq, x_sum, x_sq
@@ -130,7 +194,7 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
             err_sq += (sae.decode(f[:m]) - sub).pow(2).sum().item()
             x_sum = sub.sum(0) if x_sum is None else x_sum + sub.sum(0)
             x_sq = sub.pow(2).sum(0) if x_sq is None else x_sq + sub.pow(2).sum(0)
-        base = state["lo"] * T
+        base = lo * T
         sae_rows.append((nz[:, 0] + base).cpu())
         sae_cols.append(nz[:, 1].cpu())
         sae_vals.append(v.float().cpu())
@@ -142,76 +206,112 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
         hooks += [(f"blocks.{i}.attn.hook_pattern", on_pattern) for i in range(L)]
     if want_sae:
         hooks.append((hook, on_sae))
-    ce_sum = hits = count = 0
-    clean = [0.0, 0]
-    top_ids, top_probs = [], []
     # Logits over every sequence only when an analysis reads them; an SAE alone stops after its hook layer
     # (the sequences of its clean / spliced loss still run whole).
     full = bool(att) or "predictions" in needs or not want_sae or layer_of(hook) is None
     stop = None if full else layer_of(hook) + 1
-    starts = list(range(0, N, batch_size))
-    if stop is not None and 0 < loss_seqs < batch_size:  # the loss sequences apart, as a batch of their own
-        starts = [0] + list(range(loss_seqs, N, batch_size))
-    ends = starts[1:] + [N]
+    d_sae = int(sae.cfg.d_sae) if want_sae else 0
+    end = max(n_eval, n_act) if full else n_act
+    B = min(batch_size(forward_bytes(cfg, T, logits=full or loss_seqs > 0, d_sae=d_sae), budget, max_batch), max(end, 1))
+    cuts = sorted({0, n_act, end} | ({loss_seqs} if stop is not None else set()))
+    batches = [(lo, min(lo + B, b)) for a, b in zip(cuts, cuts[1:]) for lo in range(a, b, B)]
+    token_loss, hits, clean = [], 0, [0.0, 0]
+    top_ids, top_probs = [], []
     with torch.inference_mode():
-        for lo, hi in zip(starts, ends):
+        for lo, hi in batches:
             state["lo"] = lo
             x = torch.as_tensor(inputs[lo:hi], device=device)
+            fw = hooks if hi <= n_act else []
             if stop is not None and lo >= loss_seqs:
-                model.run_with_hooks(x, fwd_hooks=hooks, stop_at_layer=stop)
+                model.run_with_hooks(x, fwd_hooks=fw, stop_at_layer=stop)
             else:
-                logits = model.run_with_hooks(x, fwd_hooks=hooks) if hooks else model(x)
+                logits = model.run_with_hooks(x, fwd_hooks=fw) if fw else model(x)
                 tg = torch.as_tensor(targets[lo:hi], device=device)
                 sc = torch.as_tensor(scored[lo:hi], device=device)
                 m = min(max(loss_seqs - lo, 0), len(x))  # rows whose clean loss the SAE's loss is compared with
-                for part in (slice(0, m), slice(m, None)):
-                    c, h, n = loss_terms(logits[part], tg[part], sc[part])
-                    ce_sum, hits, count = ce_sum + c, hits + h, count + n
-                    if part.start == 0 and m:
-                        clean[0] += c
-                        clean[1] += n
+                if m:
+                    ce, _ = loss_terms(logits[:m], tg[:m], sc[:m])
+                    clean[0] += ce.double().sum().item()
+                    clean[1] += ce.numel()
+                if full and lo < n_eval:
+                    r = min(hi, n_eval) - lo
+                    ce, h = loss_terms(logits[:r], tg[:r], sc[:r])
+                    token_loss.append(ce.cpu().numpy())
+                    hits += h
                 if lo < S and full:
                     pr = logits[: S - lo].float().softmax(-1).topk(k, dim=-1)
                     top_ids.append(pr.indices.cpu())
                     top_probs.append(pr.values.cpu())
+                del logits
             if progress:
-                progress(hi, N)
-    trace.metrics = {"loss": ce_sum / max(count, 1), "accuracy": hits / max(count, 1), "n_scored": count,
-                     "n_seqs": N, "seq_len": T} if full else {"n_seqs": N, "seq_len": T}
+                progress(hi, end)
+    trace.metrics = {"n_seqs": n_eval if full else n_act, "n_act": n_act, "seq_len": T, "batch_size": B}
     if full:
+        tl = np.concatenate(token_loss).astype(np.float32) if token_loss else np.zeros(0, np.float32)
+        trace.token_loss = tl
+        n = int(tl.size)
+        trace.metrics.update({"loss": float(tl.astype(np.float64).mean()) if n else float("nan"),
+                              "accuracy": hits / max(n, 1), "hits": hits, "n_scored": n})
         trace.arrays["top_ids"] = torch.cat(top_ids).numpy().astype(np.int32)
         trace.arrays["top_probs"] = torch.cat(top_probs).numpy().astype(np.float32)
     if att:
-        n = max(ent["n"], 1)
+        n = max(n_act * T, 1)
         mean = ent["sum"] / n
         std = (ent["sumsq"] / n - mean ** 2).clamp_min(0).sqrt()
         trace.attention = {"sample": sample, "pattern": pattern.numpy(), "mean": mean.float().numpy(),
                            "std": std.float().numpy(), "min": ent["min"].numpy(), "max": ent["max"].numpy(),
-                           "rows": ent["n"]}
+                           "rows": n_act * T, "per_sequence": seq_ent.astype(np.float32), "seq_len": T}
     if "gradients" in needs:
-        trace.gradients = gradient_norms(model, inputs, targets, scored, int(needs["gradients"].get("batch", 8)), device)
+        gb = min(int(needs["gradients"].get("batch", 8)), N)
+        per_seq = backward_bytes(cfg, T)
+        room = max(budget - F32 * sum(p.numel() for p in model.parameters()), 1)  # less the parameters' gradients
+        recompute = per_seq > room  # not even one sequence's saved activations fit: recompute layer by layer
+        micro = batch_size(checkpointed_bytes(cfg, T) if recompute else per_seq, room, max_batch)
+        trace.gradients = gradient_norms(model, inputs, targets, scored, gb, device, micro, recompute)
     if "token_map" in needs:
-        trace.token_map = token_map(model, needs["token_map"], device)
+        spec = needs["token_map"]
+        trace.token_map = token_map(model, spec, device, token_map_batch(spec, cfg, budget))
     if want_sae:
-        trace.sae = sae_summary(model, sae, hook, N * T, torch.cat(sae_rows), torch.cat(sae_cols), torch.cat(sae_vals),
+        trace.sae = sae_summary(model, sae, hook, n_act * T, torch.cat(sae_rows), torch.cat(sae_cols), torch.cat(sae_vals),
                                 err_sq, x_sum, x_sq, var_seqs * T, kept_acts, inputs[:loss_seqs], targets[:loss_seqs],
-                                scored[:loss_seqs], clean, device)
+                                scored[:loss_seqs], clean, device, B)
     return trace
 
 
-def gradient_norms(model, inputs, targets, scored, batch: int, device: str) -> list:
-    """L2 norm of each parameter's gradient of the loss on the first `batch` sequences."""
+def _logits_recomputed(model, x):
+    """Logits whose backward recomputes each block from its input (torch.utils.checkpoint): the memory of a
+    backward pass is one layer's activations, not all layers'. The same gradient as a plain forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    resid = model(x, stop_at_layer=0)  # embeddings (and positional embeddings) only
+    for i in range(model.cfg.n_layers):
+        resid = checkpoint(lambda r, i=i: model(r, start_at_layer=i, stop_at_layer=i + 1), resid, use_reentrant=False)
+    return model(resid, start_at_layer=model.cfg.n_layers)
+
+
+def gradient_norms(model, inputs, targets, scored, batch: int, device: str, micro: int | None = None,
+                   recompute: bool = False) -> list:
+    """L2 norm of each parameter's gradient of the mean loss over the scored positions of the first `batch`
+    sequences, accumulated over micro-batches of `micro` sequences (the same gradient, bounded memory);
+    `recompute`: each layer recomputed in the backward pass (for sequences whose activations do not fit)."""
     import torch
 
-    x = torch.as_tensor(inputs[:batch], device=device)
-    tg = torch.as_tensor(targets[:batch], device=device)
-    sc = torch.as_tensor(scored[:batch], device=device)
+    micro = micro or batch
+    total = int(scored[:batch].sum())
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        logits = model(x)
-        lp = logits[sc].float().log_softmax(-1)
-        loss = -lp.gather(-1, tg[sc][:, None]).mean()
-        loss.backward()
+        for lo in range(0, batch, micro):
+            hi = min(lo + micro, batch)
+            sc = torch.as_tensor(scored[lo:hi], device=device)
+            if not sc.any():
+                continue
+            x = torch.as_tensor(inputs[lo:hi], device=device)
+            logits = _logits_recomputed(model, x) if recompute else model(x)
+            lg = logits[sc].float()
+            t = torch.as_tensor(targets[lo:hi], device=device)[sc]
+            loss = (torch.logsumexp(lg, -1) - lg.gather(-1, t[:, None]).squeeze(-1)).sum() / max(total, 1)
+            loss.backward()
+            del logits, lg, loss
     out = [(name, float(p.grad.norm()) if p.grad is not None else 0.0) for name, p in model.named_parameters()]
     model.zero_grad(set_to_none=True)
     return out
@@ -244,11 +344,12 @@ def grid_vectors(spec: dict, d_model: int, rows: slice | None = None):
     return coords, v
 
 
-def token_map(model, spec: dict, device: str) -> dict:
-    """Top token and its probability for every grid vector entering the residual stream at `layer`."""
+def token_map(model, spec: dict, device: str, batch: int | None = None) -> dict:
+    """Top token and its probability for every grid vector entering the residual stream at `layer`, in
+    batches of `batch` grid points (default: the spec's batch_size)."""
     import torch
 
-    G, B, layer = int(spec["grid_size"]), int(spec["batch_size"]), int(spec["layer"])
+    G, B, layer = int(spec["grid_size"]), int(batch or spec["batch_size"]), int(spec["layer"])
     n = G * G
     ids = np.zeros(n, dtype=np.int32)
     probs = np.zeros(n, dtype=np.float32)
@@ -265,7 +366,7 @@ def token_map(model, spec: dict, device: str) -> dict:
 
 
 def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, x_sum, x_sq, var_tokens, kept_acts,
-                inputs, targets, scored, clean, device) -> dict:
+                inputs, targets, scored, clean, device, batch: int) -> dict:
     """Sparse codes over all tokens, reconstruction quality and the spliced-in / zero-ablated loss."""
     import torch
 
@@ -275,22 +376,28 @@ def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, 
     losses = {}
     if len(inputs) and clean[1]:
         losses["clean"] = clean[0] / clean[1]
-        x = torch.as_tensor(inputs, device=device)
-        tg = torch.as_tensor(targets, device=device)
-        sc = torch.as_tensor(scored, device=device)
         acts = torch.cat(kept_acts)
         li = layer_of(hook)
+        sums = {"sae": 0.0, "zero": 0.0}
         with torch.inference_mode():
-            recon = sae.decode(sae.encode(acts.reshape(-1, acts.shape[-1]).float())).reshape(acts.shape)
-            for name, repl in (("sae", recon), ("zero", torch.zeros_like(acts))):
-                if hook.endswith("hook_resid_post") and li is not None:
-                    logits = model(repl.to(acts.dtype), start_at_layer=li + 1)
-                elif hook.endswith("hook_resid_pre") and li is not None:
-                    logits = model(repl.to(acts.dtype), start_at_layer=li)
-                else:
-                    logits = model.run_with_hooks(x, fwd_hooks=[(hook, lambda a, hook, r=repl: r.to(a.dtype))])
-                c, _, n = loss_terms(logits, tg, sc)
-                losses[name] = c / max(n, 1)
+            for lo in range(0, len(inputs), batch):  # in the probe's batches: one batch's logits at a time
+                a = acts[lo:lo + batch]
+                x = torch.as_tensor(inputs[lo:lo + batch], device=device)
+                tg = torch.as_tensor(targets[lo:lo + batch], device=device)
+                sc = torch.as_tensor(scored[lo:lo + batch], device=device)
+                recon = sae.decode(sae.encode(a.reshape(-1, a.shape[-1]).float())).reshape(a.shape)
+                for name, repl in (("sae", recon), ("zero", torch.zeros_like(a))):
+                    if hook.endswith("hook_resid_post") and li is not None:
+                        logits = model(repl.to(a.dtype), start_at_layer=li + 1)
+                    elif hook.endswith("hook_resid_pre") and li is not None:
+                        logits = model(repl.to(a.dtype), start_at_layer=li)
+                    else:
+                        logits = model.run_with_hooks(x, fwd_hooks=[(hook, lambda _, hook, r=repl: r.to(a.dtype))])
+                    ce, _ = loss_terms(logits, tg, sc)
+                    sums[name] += ce.double().sum().item()
+                    del logits
+        for name, s in sums.items():
+            losses[name] = s / clean[1]
     W_dec = sae.W_dec.detach().float()
     effects = (W_dec @ model.W_U.detach().float())  # [d_sae, V] direct logit effect
     kk = min(10, effects.shape[1])
@@ -298,24 +405,27 @@ def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, 
     return {"hook": hook, "d_sae": d_sae, "d_in": int(sae.cfg.d_in), "n_tokens": n_tokens,
             "rows": rows.numpy().astype(np.int64), "cols": cols.numpy().astype(np.int32),
             "vals": vals.numpy().astype(np.float32), "explained_variance": explained, "variance_tokens": int(var_tokens), "losses": losses,
-            "loss_seqs": int(len(inputs)), "logit_pos_ids": pos.indices.numpy(), "logit_pos": pos.values.numpy(),
+            "loss_seqs": int(len(inputs)), "loss_tokens": int(clean[1]), "logit_pos_ids": pos.indices.numpy(), "logit_pos": pos.values.numpy(),
             "logit_neg_ids": neg.indices.numpy(), "logit_neg": -neg.values.numpy()}
 
 
-def check_token_map_memory(spec: dict, d_model: int, d_vocab: int) -> None:
-    """Refuse a grid whose outputs or batches do not fit in the available memory, saying what fits."""
-    G, B = int(spec["grid_size"]), int(spec["batch_size"])
+def token_map_batch(spec: dict, cfg, budget: int) -> int:
+    """Grid points per forward pass: the analysis' batch_size, or fewer when their logits exceed the budget."""
+    return batch_size(forward_bytes(cfg, 1), budget, int(spec["batch_size"]))
+
+
+def check_token_map_memory(spec: dict, cfg, budget: int) -> None:
+    """Refuse a grid whose outputs do not fit in the available memory, saying what fits (its batches are
+    sized by the budget, so only the grid's own arrays grow with it)."""
+    G = int(spec["grid_size"])
     per_cell = 4 + 4 + 8 + 60  # id, prob, coordinates, and its label in the figure
-    per_batch_row = 4 * (3 * d_vocab + 16 * d_model)  # logits + softmax, activations in flight
-    need = G * G * per_cell + B * per_batch_row
+    need = G * G * per_cell + token_map_batch(spec, cfg, budget) * forward_bytes(cfg, 1)
     avail = _available_bytes()
     if avail and need > avail * 0.5:
-        fit_g = int(((avail * 0.5 - B * per_batch_row) / per_cell) ** 0.5) if avail * 0.5 > B * per_batch_row else 0
-        fit_b = int((avail * 0.5 - G * G * per_cell) / per_batch_row) if avail * 0.5 > G * G * per_cell else 0
+        fit_g = int((avail * 0.5 / per_cell) ** 0.5)
         raise ReportgenError(
-            f"token_map: a {G}x{G} grid at batch_size {B} needs about {need / 2**30:.1f} GiB but about "
-            f"{avail / 2**30:.1f} GiB is available; at most grid_size {fit_g} fits at this batch_size"
-            + (f" (or batch_size {fit_b} at this grid_size)" if fit_b else ""))
+            f"token_map: a {G}x{G} grid needs about {need / 2**30:.1f} GiB but about "
+            f"{avail / 2**30:.1f} GiB is available; at most grid_size {fit_g} fits")
 
 
 def _available_bytes() -> int | None:

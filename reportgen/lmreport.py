@@ -53,6 +53,21 @@ def require_lm_extras(path: Path, opts) -> None:
         except ImportError as e:
             raise ReportgenError(f"{path}: language-model reports need {LM_EXTRA[mod]}, which cannot be imported "
                                  f"({str(e).splitlines()[0][:80]}): pip install 'reportgen[lm]'") from None
+EVAL_CAP_TOKENS = 2**18  # --eval all: at most this many tokens' worth of sequences (the report says when it applies)
+
+
+def eval_cap(seq_len: int) -> int:
+    """Sequences --eval all runs the loss over at most."""
+    return max(1, EVAL_CAP_TOKENS // seq_len)
+
+
+def resolve_mask_id(flag: int | None, found: int | None, d_vocab: int) -> int | None:
+    """The mask token id: --mask-id when given (it wins), else the config's or the vocabulary's."""
+    if flag is None:
+        return found
+    if not 0 <= flag < d_vocab:
+        raise ReportgenError(f"--mask-id {flag}: outside the model's vocabulary (ids 0..{d_vocab - 1})")
+    return int(flag)
 
 
 def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) -> dict:
@@ -61,10 +76,12 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
     import analyses
 
     from .lm import LMSubject, PAD_NAMES, MASK_NAMES, load_model, load_tokens, load_vocab, mask_tokens, read_checkpoint, sniff, special_id
+    from .build import eval_count, memory_budget
     from .lmprobe import check_token_map_memory, merge_needs, probe_lm
     from .text import uncovered_note
 
     ref = job.ref
+    budget = memory_budget(opts)
     with timer("load"):
         require_lm_extras(ref.path, opts)
         obj = read_checkpoint(ref.path, opts.trust_checkpoint)
@@ -73,9 +90,10 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
             raise ReportgenError(f"{ref.path}: not a language-model checkpoint reportgen knows (expected "
                                  f"{{model_state_dict, config, vocab_size}} or {{cfg, state_dict}})")
         model, causal, rows, declared = load_model(ref.path, obj, fmt, device)
+        del obj  # the model holds its own copy of the weights
         cfg = model.cfg
         vocab, vocab_src, byte_level = load_vocab(opts.vocab, ref.path, cfg.d_vocab)
-        mask_id = special_id(vocab, MASK_NAMES, declared["mask"], cfg.d_vocab)
+        mask_id = resolve_mask_id(opts.mask_id, special_id(vocab, MASK_NAMES, declared["mask"], cfg.d_vocab), cfg.d_vocab)
         pad_id = special_id(vocab, PAD_NAMES, declared["pad"], cfg.d_vocab)
         subject = LMSubject(ref=ref, model=model, format=fmt, causal=causal, config_rows=rows, vocab=vocab,
                             vocab_source=vocab_src, byte_level=byte_level, mask_id=mask_id, pad_id=pad_id)
@@ -85,14 +103,21 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
         seq_len = opts.seq_len or min(128, cfg.n_ctx)
         if seq_len > cfg.n_ctx:
             raise ReportgenError(f"--seq-len {seq_len} is longer than the model's context ({cfg.n_ctx})")
-        tokens = load_tokens(Path(opts.data), vocab, byte_level, cfg.d_vocab, seq_len, opts.max_seqs)
+        want, cap = eval_count(opts), eval_cap(seq_len)
+        limit = max(want if want is not None else cap + 1, opts.max_seqs)
+        tokens = load_tokens(Path(opts.data), vocab, byte_level, cfg.d_vocab, seq_len, limit)
+        capped = want is None and len(tokens) > cap
+        n_eval = min(want if want is not None else cap, len(tokens))
+        n_act = min(opts.max_seqs, len(tokens))
+        tokens = tokens[:max(n_eval, n_act)]
         if causal:
             inputs, scored = tokens, np.ones(tokens.shape, dtype=bool)
             scored[:, -1] = False
         else:
             if mask_id is None:
                 raise ReportgenError(f"{ref.path}: a bidirectional (masked) model needs a mask token: none in the "
-                                     f"config (mask_token_id) or the vocabulary ({'/'.join(MASK_NAMES)}) from {vocab_src}")
+                                     f"config (mask_token_id) or the vocabulary ({'/'.join(MASK_NAMES)}) from {vocab_src}; "
+                                     f"pass --mask-id ID")
             inputs, scored = mask_tokens(tokens, opts.mask_rate, mask_id, opts.seed,
                                          protect=tuple(i for i in (pad_id,) if i is not None))
             if not scored.any():
@@ -123,13 +148,15 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
     if "token_map" in needs:
         tm = dict(needs["token_map"])
         tm["layer"] = resolve_layer(int(tm["layer"]), cfg.n_layers, "token_map")
-        check_token_map_memory(tm, cfg.d_model, cfg.d_vocab)
+        check_token_map_memory(tm, cfg, budget)
         needs["token_map"] = tm
-    log(f"  probing {tokens.shape[0]} sequences × {tokens.shape[1]} tokens on {device}"
+    log(f"  probing {tokens.shape[0]} sequences × {tokens.shape[1]} tokens on {device} (loss over {n_eval}"
+        + (f", capped at {cap}: --eval N for more" if capped else "") + f"; activations over {n_act})"
         + (f" with the SAE at {sae_info['hook']}" if sae_info else ""))
     with timer("probe"):
-        trace = probe_lm(subject, tokens, inputs, scored, needs, device, samples=max(opts.samples, 1), sae=sae,
-                         progress=progress)
+        trace = probe_lm(subject, tokens, inputs, scored, needs, device, budget=budget, samples=max(opts.samples, 1),
+                         sae=sae, progress=progress, n_eval=n_eval, n_act=n_act)
+    trace.metrics["eval_cap"] = cap if capped else None
     sections, metrics = [], {}
     for n, mod in enumerate(selected, 1):
         with timer("analyses"):
@@ -150,6 +177,8 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
 def lm_meta(job, opts, prepared: dict, device: str) -> dict:
     import torch
 
+    from .stats import bootstrap_mean
+
     s = prepared["subject"]
     tr = prepared["trace"]
     ref = job.ref
@@ -157,8 +186,10 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
         "run": ref.run, "name": ref.name, "step": ref.step, "path": f"{ref.run}/{ref.name}/", "kind": "lm",
         "checkpoint": {"path": str(ref.path), "sha256": job.sha, "bytes": ref.path.stat().st_size, "format": s.format,
                        "config": None},
-        "dataset": {"path": str(opts.data), "found_by": "--data", "sequences": int(tr.tokens.shape[0]),
-                    "seq_len": int(tr.tokens.shape[1]), "task": "next-token" if s.causal else "masked",
+        "dataset": {"path": str(opts.data), "found_by": "--data", "sequences": int(tr.metrics["n_seqs"]),
+                    "activation_sequences": int(tr.metrics["n_act"]), "eval_cap": tr.metrics.get("eval_cap"),
+                    "seq_len": int(tr.tokens.shape[1]), "batch_size": int(tr.metrics["batch_size"]),
+                    "max_memory": opts.max_memory, "task": "next-token" if s.causal else "masked",
                     "mask_rate": None if s.causal else opts.mask_rate, "seed": opts.seed},
         "model": {"layers": s.cfg.n_layers, "d_model": s.cfg.d_model, "heads": s.cfg.n_heads, "d_vocab": s.cfg.d_vocab,
                   "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
@@ -166,7 +197,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
         "sae": sae_source(prepared["sae_info"], ref),
         "compute": {"device": device, "dtype": "float32"},
         "analyses": [x["name"] for x in prepared["sections"]],
-        "metrics": {**({"loss": tr.metrics["loss"]} if "loss" in tr.metrics else {}), **prepared["metrics"]},
+        "metrics": {**({"loss": bootstrap_mean(tr.token_loss)} if tr.token_loss is not None else {}), **prepared["metrics"]},
         "versions": {"reportgen": __import__("reportgen").__version__, "torch": torch.__version__.split("+")[0],
                      "transformer_lens": _version("transformer-lens"),
                      **({"sae_lens": _version("sae-lens")} if prepared["sae_info"] else {})},

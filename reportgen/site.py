@@ -284,6 +284,7 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pd
 
 def _lm_trend_figure(pts: list[dict], steps: list[int]):
     """Language-model runs: accuracy and SAE explained variance (fractions); loss and attention entropy (nats)."""
+    from .stats import value
     from .figures import ACCENT, BAD, GOOD, MUTED, Figure, mpl_figure
 
     fig, ax = mpl_figure(1, 2, (6.6, 2.5))

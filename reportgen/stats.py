@@ -24,7 +24,7 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     d = 1 + z * z / n
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
+    return (0.0 if k == 0 else max(0.0, c - h)), (1.0 if k == n else min(1.0, c + h))  # exact at the ends (no rounding)
 
 
 def proportion(k: int, n: int) -> dict:
@@ -47,8 +47,9 @@ def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> dict:
         return metric(x[0], 1, interval="bootstrap")
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
-    for i in range(0, n_boot, 200):  # in chunks: bounded memory for large n
-        m = min(200, n_boot - i)
+    step = max(1, min(200, 4_000_000 // x.size))  # resamples per chunk: about 4M indices, bounded memory for large n
+    for i in range(0, n_boot, step):
+        m = min(step, n_boot - i)
         means[i:i + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return metric(x.mean(), x.size, lo, hi, "bootstrap")
