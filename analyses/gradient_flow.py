@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from reportgen.figures import ACCENT, INK, MUTED, Figure, mpl_figure
+from reportgen.stats import metric
 
 NAME = "gradient_flow"
 TITLE = "Gradient flow"
@@ -121,8 +122,10 @@ def compute(trace, params: Params) -> dict:
 
 
 def metrics(data: dict) -> dict:
-    return {"grad_norm_total": data["total_norm"], "grad_norm_max": data["max"]["norm"] if data["max"] else None,
-            "grad_vanishing": data["counts"]["vanishing"], "grad_exploding": data["counts"]["exploding"]}
+    """Norms of one batch's gradient (n: its sequences; one draw, so no interval) and counts of parameters."""
+    n, k = data["batch"], len(data["parameters"])
+    return {"grad_norm_total": metric(data["total_norm"], n), "grad_norm_max": metric(data["max"]["norm"] if data["max"] else None, n),
+            "grad_vanishing": metric(data["counts"]["vanishing"], k), "grad_exploding": metric(data["counts"]["exploding"], k)}
 
 
 # --- drawing ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 
 from reportgen.figures import INK, MUTED, PNG_SCALE, Canvas, Figure, mix
 from reportgen.lm import show_token
+from reportgen.stats import metric
 
 NAME = "token_map"
 TITLE = "Token map of embedding space"
@@ -146,7 +147,8 @@ def compute(trace, params: Params) -> dict:
 
 
 def metrics(data: dict) -> dict:
-    return {"token_map_distinct": data["distinct_tokens"]}
+    """Distinct top tokens over the map's cells (n: the cells; a count of the whole grid, no interval)."""
+    return {"token_map_distinct": metric(data["distinct_tokens"], data["config"]["grid_size"] ** 2)}
 
 
 # --- drawing ----------------------------------------------------------------------------------------

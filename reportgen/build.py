@@ -320,7 +320,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
                     from .site import write_site
 
                     # the overviews' PDFs are laid out by the warm worker, unless the build is failing
-                    write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats,
+                    write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats, dpi=opts.dpi,
                                worker=worker if not failed else None)
     finally:
         if worker is not None:

@@ -139,7 +139,7 @@ def index_finished(opts: BuildOptions, todo, folders: list[Path], out: Path, tim
         with timer("site"):
             from .site import write_site
 
-            write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats)
+            write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats, dpi=opts.dpi)
     return done
 
 

@@ -196,7 +196,8 @@ def trend_figure(reports: list[dict]):
         "the denominator, or none solved."), fig, alt="Metrics across training steps")
 
 
-def write_run_overview(out: Path, run: str, reports: list[dict], version: str, pdf: bool = False, worker=None) -> None:
+def write_run_overview(out: Path, run: str, reports: list[dict], version: str, pdf: bool = False, worker=None,
+                       dpi: int | None = None) -> None:
     """<run>/index.html (and overview.pdf): every checkpoint's metrics, their trend, and the analyses' run figures."""
     import analyses
 
@@ -226,7 +227,7 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str, p
     try:  # each figure file is drawn beside its place and renamed into it: a reader never sees half a file
         for n, f in enumerate(figs, 1):
             f.number, f.stem = n, f.key
-            written = save(f, staging / f.stem, ("svg", "png"))
+            written = save(f, staging / f.stem, ("svg", "png"), **({"dpi": dpi} if dpi else {}))
             f.files = {}
             for fmt, p in written.items():
                 os.replace(p, folder / "figures" / p.name)
@@ -260,7 +261,8 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str, p
         (folder / "overview.pdf").unlink()
 
 
-def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pdf: bool = False, worker=None) -> None:
+def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pdf: bool = False, worker=None,
+               dpi: int | None = None) -> None:
     """The site index, manifest, summary, 404 and .nojekyll; the overview of every run in `changed_runs`
     (all runs when None) and of every run that has none yet. `worker`: a RenderWorker for the overviews' PDFs."""
     from .render import render
@@ -276,7 +278,7 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pd
                                                 columns=columns))
     for run, rs in runs.items():
         if changed_runs is None or run in changed_runs or not (out / run / "index.html").is_file():
-            write_run_overview(out, run, rs, version, pdf, worker)
+            write_run_overview(out, run, rs, version, pdf, worker, dpi)
     write_atomic(out / "404.html", render("404.html", version=version))
     write_atomic(out / "summary.md", f"## reportgen: {len(reports)} report(s)\n\n" + summary_markdown(runs))
     (out / ".nojekyll").touch()

@@ -62,7 +62,8 @@ def test_export_keeps_row_column_order_and_counts_top_tokens():
     assert d["config"] == {"grid_size": 3, "spacing": 2.0, "center": [10.0, -1.0], "layer": 1, "method": "direct",
                            "seed": 3, "batch_size": 4}
     assert json.loads(json.dumps(d)) == d
-    assert token_map.metrics(d) == {"token_map_distinct": 4}
+    m = token_map.metrics(d)["token_map_distinct"]
+    assert (m["value"], m["n"], m["interval"]) == (4, 9, "none")
 
 
 def test_top_tokens_are_at_most_ten_most_frequent_first_ties_by_id():
@@ -232,7 +233,8 @@ def test_statuses_against_thresholds_and_layer_norms():
     assert d["min"] == {"name": "pos_embed.W_pos", "norm": 0.0}
     assert json.loads(json.dumps(d)) == d
     m = gradient_flow.metrics(d)
-    assert m["grad_norm_max"] == 20.0 and m["grad_vanishing"] == 4 and m["grad_exploding"] == 2
+    assert m["grad_norm_max"]["value"] == 20.0 and m["grad_vanishing"]["value"] == 4 and m["grad_exploding"]["value"] == 2
+    assert m["grad_norm_max"]["n"] == d["batch"] and m["grad_vanishing"]["n"] == len(d["parameters"])
 
 
 def test_thresholds_are_parameters_and_model_order_is_kept():
