@@ -219,7 +219,7 @@ def plan(ref, opts: BuildOptions, params: dict, out: Path) -> Job:
         from .lmreport import input_files
 
         job = Job(ref, out / ref.run / ref.name, ref.sha256, "", {}, None, Path(opts.data), "--data", "lm")
-        job.key = cache_key(job.sha, None, job.data_dir, opts, params, input_files(job, opts))
+        job.key = cache_key(job.sha, None, job.data_dir, opts, params, input_files(job, opts), kind="lm")
         return job
     try:
         run_config, config_path = read_run_config(ref.path)
@@ -464,12 +464,22 @@ def write_report(job: Job, opts: BuildOptions, meta: dict, ctx: dict, trace, sec
     return PendingReport(staged, opts, timer, worker, (first_job, worker.sent if worker is not None else 0))
 
 
+# options that change a report's content: those of every kind, and each kind's own (an option of another
+# kind, e.g. --mask-rate for a TRM report, never makes a report stale)
+COMMON_OPTION_FIELDS = ("eval", "device", "dpi", "formats", "figure_formats", "self_contained")
+TRM_OPTION_FIELDS = ("split", "samples", "select", "seed", "dtype")
+
+
 def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOptions, params: dict,
-              files: list[Path] | None = None) -> str:
+              files: list[Path] | None = None, kind: str = "trm") -> str:
     """Digest of everything a report depends on: checkpoint and config bytes, the dataset split's files,
-    the options and analysis parameters that change its content, and the reportgen version."""
+    the options of its kind and the parameters of the analyses it runs, and the reportgen version."""
     import dataclasses
     import hashlib
+
+    import analyses
+
+    from .lmreport import LM_OPTION_FIELDS
 
     h = hashlib.sha256()
     h.update(sha.encode())
@@ -481,12 +491,12 @@ def cache_key(sha: str, config_path: Path | None, data_dir: Path, opts: BuildOpt
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    fields = {k: getattr(opts, k) for k in ("split", "samples", "eval", "select", "seed", "device", "dtype", "only", "dpi", "formats",
-                                             "figure_formats", "self_contained")}
-    from .lmreport import LM_OPTION_FIELDS
-
-    fields.update({k: getattr(opts, k) for k in LM_OPTION_FIELDS})
-    fields["params"] = {name: dataclasses.asdict(p) for name, p in sorted(params.items())}
+    own = {"trm": TRM_OPTION_FIELDS, "lm": LM_OPTION_FIELDS}[kind]
+    fields = {k: getattr(opts, k) for k in COMMON_OPTION_FIELDS + own}
+    runs = {m.NAME for m in analyses.for_subject(kind) if not opts.only or m.NAME in opts.only}
+    fields["analyses"] = sorted(runs)  # what --only selects of this kind, not how it was spelled
+    fields["params"] = {name: dataclasses.asdict(p) for name, p in sorted(params.items()) if name in runs}
+    fields["kind"] = kind
     fields["version"] = __version__
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()

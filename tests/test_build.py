@@ -393,6 +393,12 @@ def test_unchanged_checkpoints_are_not_rebuilt(tiny_run, tmp_path):
     log = run_build()
     assert "1 report(s) built, 2 up to date" in log and "up to date: " + str(tmp_path / "o" / "run" / "step_300") not in log
     assert {p: t for p, t in stamp().items() if "step_300" not in str(p)} == first
+    # options of another kind and parameters of analyses a TRM report does not run change nothing in it
+    assert "0 report(s) built, 3 up to date" in run_build("--mask-rate", "0.3", "--mask-id", "3", "--max-seqs", "9",
+                                                        "--param", "token_map.grid_size=7")
+    assert "0 report(s) built, 3 up to date" in run_build("--only", "sudoku_latents,step_evolution,solving_stats",
+                                                        "--param", "attention.max_tokens=8")
+    assert "3 report(s) built, 0 up to date" in run_build("--param", "solving_stats.calibration_bins=5")
     assert "3 report(s) built, 0 up to date" in run_build("--samples", "3")  # a changed option rebuilds
     assert "3 report(s) built, 0 up to date" in run_build("--samples", "3", "--force")
     man = json.loads((tmp_path / "o" / "manifest.json").read_text())
