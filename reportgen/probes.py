@@ -31,19 +31,23 @@ TRACE_ARRAYS = {
 }
 
 
-@dataclass
-class TRMTrace:
-    """The full trace of the drawn puzzles (figures), and `eval`: the evaluation set's compact arrays (metrics)."""
-
-    arrays: dict[str, np.ndarray]
-    prefix_len: int
-    eval: EvalSet | None = None
+class _Arrays:
+    """Named arrays readable as attributes (trace.preds is trace.arrays["preds"])."""
 
     def __getattr__(self, name):
         try:
             return self.__dict__["arrays"][name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+@dataclass
+class TRMTrace(_Arrays):
+    """The full trace of the drawn puzzles (figures), and `eval`: the evaluation set's compact arrays (metrics)."""
+
+    arrays: dict[str, np.ndarray]
+    prefix_len: int
+    eval: EvalSet | None = None
 
     @property
     def steps(self) -> int:
@@ -83,8 +87,7 @@ EVAL_ARRAYS = {
 
 PER_STEP = ("correct_blank", "solved", "changed", "q_halt", "confidence_right", "confidence_wrong")  # [T, N]
 
-# --eval all: the whole split, up to a cap. On a GPU the cap covers the whole Sudoku-Extreme test split
-# (about 423,000 puzzles); on a CPU it is the number of puzzles of about 3e13 FLOP (roughly 10 minutes at ~50 GFLOP/s;
+# --eval all: the whole split, up to a cap. On a GPU the cap covers the whole Sudoku-Extreme test split; on a CPU it is the number of puzzles of about 3e13 FLOP (roughly 10 minutes at ~50 GFLOP/s;
 # the whole split of the shipped example; 65 puzzles of 457 GFLOP at the real TRM size), never under 50 puzzles.
 EVAL_CAP_CUDA = 500_000
 EVAL_CPU_FLOP = 3e13
@@ -92,17 +95,11 @@ EVAL_CAP_CPU_MIN = 50
 
 
 @dataclass
-class EvalSet:
+class EvalSet(_Arrays):
     """Compact per-puzzle arrays of the evaluation pass (EVAL_ARRAYS): every metric is computed from these."""
 
     arrays: dict[str, np.ndarray]
     info: dict = field(default_factory=dict)  # how the puzzles were chosen (split size, cap), for the report
-
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["arrays"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     def head(self, n: int) -> "EvalSet":
         """The first n puzzles ([T,N] arrays are cut on their second axis)."""
