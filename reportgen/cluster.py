@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def run_jobs(opts, todo: list) -> list[str]:
     try:
         jobs = [ex.submit(run_one, {**base, "ckpts": [str(job.ref.path)]}) for _, job in todo]
     except Exception as e:  # noqa: BLE001 - sbatch missing, partition refused, ...
-        raise ReportgenError(f"--executor {opts.executor}: could not submit ({str(e).strip().splitlines()[0][:160]})") from None
+        raise ReportgenError(f"--executor {opts.executor}: could not submit ({first_line(e, 160)})") from None
     if not opts.quiet:
         print(f"  submitted {len(jobs)} job(s) ({opts.executor}); logs in {folder}", file=sys.stderr, flush=True)
     errors = []

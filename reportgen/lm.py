@@ -65,7 +65,7 @@ def read_checkpoint(path: Path, trust: bool = False):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise ReportgenError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+            raise ReportgenError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
         if not trust:
             why = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), "")
             why = why.split("WeightsUnpickler error: ")[-1].split(" was not an allowed")[0]
@@ -80,7 +80,7 @@ def read_checkpoint(path: Path, trust: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise ReportgenError(f"{path}: could not be unpickled ({str(e).splitlines()[0][:120]})") from None
+        raise ReportgenError(f"{path}: could not be unpickled ({first_line(e)})") from None
 
 
 def sniff(obj) -> str | None:

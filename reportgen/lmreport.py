@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ReportgenError
+from .errors import ReportgenError, first_line
 
 LM_OPTION_FIELDS = ("vocab", "seq_len", "max_seqs", "mask_rate", "mask_id", "sae", "train_sae", "sae_arch", "sae_tokens",
                     "samples", "seed", "trust_checkpoint")
@@ -52,7 +52,7 @@ def require_lm_extras(path: Path, opts) -> None:
             importlib.import_module(mod)
         except ImportError as e:
             raise ReportgenError(f"{path}: language-model reports need {LM_EXTRA[mod]}, which cannot be imported "
-                                 f"({str(e).splitlines()[0][:80]}): pip install 'reportgen[lm]'") from None
+                                 f"({first_line(e, 80)}): pip install 'reportgen[lm]'") from None
 EVAL_CAP_TOKENS = 2**18  # --eval all: at most this many tokens' worth of sequences (the report says when it applies)
 
 
