@@ -32,7 +32,18 @@ TRACE_ARRAYS = {
 
 
 class _Arrays:
-    """Named arrays readable as attributes (trace.preds is trace.arrays["preds"])."""
+    """Named arrays readable as attributes (trace.preds is trace.arrays["preds"]); `STEPS` names a [T, N, ...]
+    array that gives the number of ACT steps and of puzzles."""
+
+    STEPS = "preds"
+
+    @property
+    def steps(self) -> int:
+        return self.arrays[self.STEPS].shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.arrays[self.STEPS].shape[1]
 
     def __getattr__(self, name):
         try:
@@ -48,14 +59,6 @@ class TRMTrace(_Arrays):
     arrays: dict[str, np.ndarray]
     prefix_len: int
     eval: EvalSet | None = None
-
-    @property
-    def steps(self) -> int:
-        return self.arrays["preds"].shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.arrays["preds"].shape[1]
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, prefix_len=np.int64(self.prefix_len), **self.arrays)
@@ -98,20 +101,14 @@ EVAL_CAP_CPU_MIN = 50
 class EvalSet(_Arrays):
     """Compact per-puzzle arrays of the evaluation pass (EVAL_ARRAYS): every metric is computed from these."""
 
+    STEPS = "solved"
+
     arrays: dict[str, np.ndarray]
     info: dict = field(default_factory=dict)  # how the puzzles were chosen (split size, cap), for the report
 
     def head(self, n: int) -> "EvalSet":
         """The first n puzzles ([T,N] arrays are cut on their second axis)."""
         return EvalSet({k: v[:, :n] if k in PER_STEP else v[:n] for k, v in self.arrays.items()}, dict(self.info))
-
-    @property
-    def steps(self) -> int:
-        return self.arrays["solved"].shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.arrays["solved"].shape[1]
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, **self.arrays)
