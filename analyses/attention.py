@@ -10,7 +10,7 @@ import numpy as np
 
 from reportgen.errors import ReportgenError
 from reportgen.figures import Figure, mpl_figure
-from reportgen.lm import show_token, symbol_key
+from reportgen.text import show_token, symbol_key
 from reportgen.stats import bootstrap_mean
 
 NAME = "attention"

@@ -2,7 +2,7 @@
 loss on one batch of evaluation sequences, summed (in quadrature) per layer and per parameter group,
 and flagged against two thresholds: vanishing (below `vanishing`, the layer barely learns) and
 exploding (above `exploding`, updates may blow up). The probe differentiates the loss once
-(`reportgen.lmprobe.gradient_norms`); this module groups the norms and draws them on log axes.
+(`reportgen.probes.lm.gradient_norms`); this module groups the norms and draws them on log axes.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from reportgen.boards import TITLE_H, Cell, board_height, draw_board, given_cell, symbol_key, token_str
 from reportgen.figures import ACCENT, BAD, GIVEN_BG, GOOD, INK, MUTED, Canvas, Figure, mix
-from reportgen.probes import reverse_embed
+from reportgen.probes.trm import reverse_embed
 from reportgen.stats import proportion
 
 NAME = "sudoku_latents"

@@ -3,7 +3,7 @@ residual stream (x, y in the first two dimensions, repeated over all dimension p
 fixed random projection), fed in at one layer as one-token sequences, and each point is labelled
 with the model's most probable next token and its probability. Regions of one token show how the
 model partitions that 2-D slice; the shading shows how sure it is. The probe computes the grid
-(`reportgen.lmprobe.token_map`); this module exports it as the seed's JSON and draws it on a Canvas
+(`reportgen.probes.lm.token_map`); this module exports it as the seed's JSON and draws it on a Canvas
 (one rectangle and one label per cell: a 50×50 map in milliseconds, not seconds of matplotlib text).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reportgen.figures import INK, MUTED, PNG_SCALE, Canvas, Figure, mix
-from reportgen.lm import show_token
+from reportgen.text import show_token
 from reportgen.stats import metric
 
 NAME = "token_map"

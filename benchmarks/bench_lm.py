@@ -54,8 +54,9 @@ def small(args) -> None:
     import analyses.sae_features as SF
     import analyses.token_map as TM
     from reportgen.figures import save
-    from reportgen.lm import LMSubject, load_model, load_tokens, load_vocab, mask_tokens, read_checkpoint, sniff
-    from reportgen.lmprobe import probe_lm, token_map
+    from reportgen.models.lm import LMSubject, load_model, read_checkpoint, sniff
+    from reportgen.data.tokens import load_tokens, load_vocab, mask_tokens
+    from reportgen.probes.lm import probe_lm, token_map
     from reportgen.render import environment
     from reportgen.sae import load_sae
 

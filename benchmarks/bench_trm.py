@@ -90,7 +90,7 @@ def bench_eval(repeat: int, n: int = 8) -> None:
     import numpy as np
     import torch
 
-    from reportgen.probes import eval_cap, run_trm
+    from reportgen.probes.trm import eval_cap, run_trm
 
     subj, inputs, labels = real_size(n)
     args = (subj, inputs, labels, np.zeros(n, np.int64), np.arange(n), np.zeros(n, bool), "cpu", n)
@@ -116,7 +116,7 @@ def bench_probe(repeat: int, threads: int) -> None:
     import torch
 
     from reportgen.models.trm import inner_width
-    from reportgen.probes import probe_trm, trm_flops
+    from reportgen.probes.trm import probe_trm, trm_flops
 
     torch.set_num_threads(threads)
     B = 8

@@ -84,7 +84,7 @@ def main() -> None:
     from conftest import run_act
     from make_trm_upstream_bf16 import DATA, REFERENCE, RUN, kernel_fingerprint, sha256
     from test_loading import load
-    from reportgen.datasets import read_split
+    from reportgen.data.puzzles import read_split
 
     torch.set_num_threads(1)
     ref = np.load(REFERENCE)

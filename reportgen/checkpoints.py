@@ -13,12 +13,14 @@ from pathlib import Path
 
 from .errors import ReportgenError, first_line
 
-STEP_RE = re.compile(r"^step_(\d+)(\.(pt|pth|ckpt|bin))?$")
+# step_N (upstream TRM), checkpoint-N (Hugging Face Trainer folders, seed-001 files), epoch=E-step=N.ckpt (Lightning)
+STEP_RE = re.compile(r"^(?:step_|checkpoint-|epoch=\d+-step=)(\d+)(\.(pt|pth|ckpt|bin))?$")
+# files of a checkpoint folder that do not change what the model computes (Hugging Face Trainer state)
+FOLDER_SKIP = re.compile(r"^(optimizer|scheduler|scaler|rng_state.*|trainer_state|training_args)\.(pt|pth|bin|json)$")
 # byte strings in a checkpoint's pickle stream that tell its kind (state-dict keys are stored as plain strings)
 TRM_MARKERS = (b"embed_tokens.embedding_weight", b"lm_head.weight", b"L_level.layers.")
 RESTORATION_MARKERS = (b"model_state_dict", b"config", b"d_model")  # seed 004
 TL_MARKERS = (b"state_dict", b"cfg", b"W_E")  # {cfg, state_dict} of a HookedTransformer
-KNOWN_KINDS = "TRM, seed-004 RestorationModel, TransformerLens"
 RUN_OVERVIEW_FILES = ("figures", "data", "index.html", "overview.pdf")  # beside the reports in <out>/<run>/
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 TRM_PREFIXES = ("_orig_mod.", "model.", "inner.")
@@ -45,44 +47,67 @@ class CheckpointRef:
     step: int | None
 
     @property
+    def files(self) -> list[Path]:
+        """The checkpoint's files: the file itself, or a folder's model files (not its optimizer state)."""
+        if not self.path.is_dir():
+            return [self.path]
+        return sorted(q for q in self.path.rglob("*") if q.is_file() and not FOLDER_SKIP.match(q.name)
+                      and not any(part.startswith(".") for part in q.relative_to(self.path).parts))
+
+    @property
+    def bytes(self) -> int:
+        return sum(q.stat().st_size for q in self.files)
+
+    @property
     def sha256(self) -> str:
+        """sha256 of the file; of a folder, of its files' names and bytes in order."""
         h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        for q in self.files:
+            if self.path.is_dir():
+                h.update(str(q.relative_to(self.path)).encode() + b"\0")
+            with open(q, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
         return h.hexdigest()
 
 
-def _ref(path: Path) -> CheckpointRef:
+def make_ref(path: Path) -> CheckpointRef:
+    """The ref of a checkpoint file or folder: run = its folder's name, name = step_N (or its stem)."""
     m = STEP_RE.match(path.name)
     step = int(m.group(1)) if m else None
     name = f"step_{step}" if m else path.stem
     return CheckpointRef(path=path, run=safe_name(path.parent.resolve().name), name=safe_name(name), step=step)
 
 
-def sniff_kind(path: Path) -> str:
-    """'lm', 'trm' or 'unknown' from the checkpoint's pickle stream (read without torch, so cached reports
-    are skipped before any heavy import). A file that is not a torch.save archive goes the TRM way, whose
-    loader says why it cannot be read."""
+def pickle_head(path: Path) -> bytes | None:
+    """The pickle stream of a torch.save archive (state-dict keys are plain strings in it), read without torch,
+    or None when the file is no such archive."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
             pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            head = z.read(pkl) if pkl else b""
+            return z.read(pkl) if pkl else b""
     except (OSError, zipfile.BadZipFile, KeyError):
-        return "trm"
-    if b"HookedTransformer" in head or any(all(m in head for m in ms) for ms in (RESTORATION_MARKERS, TL_MARKERS)):
-        return "lm"
-    if all(m in head for m in TRM_MARKERS):
-        return "trm"
-    return "unknown"
+        return None
+
+
+def sniff_kind(path: Path) -> str:
+    """The name of the model kind that claims `path` (reportgen/kinds), or 'unknown'."""
+    from . import kinds
+
+    mod = kinds.detect(Path(path))
+    return mod.NAME if mod is not None else "unknown"
 
 
 def unknown_checkpoint(path: Path) -> ReportgenError:
     """The error for a checkpoint of no kind reportgen knows (one that cannot be read says that instead)."""
-    _torch_load(path)
-    return ReportgenError(f"{path}: not a checkpoint reportgen knows ({KNOWN_KINDS})")
+    from . import kinds
+
+    if path.is_file():
+        _torch_load(path)
+    return ReportgenError(f"{path}: not a checkpoint reportgen knows ({kinds.known_text()}); for your own model, "
+                          f"pass --adapter FILE.py")
 
 
 def discover(specs: list[str]) -> list[CheckpointRef]:
@@ -91,9 +116,13 @@ def discover(specs: list[str]) -> list[CheckpointRef]:
         raise ReportgenError("no checkpoint given: pass --ckpt PATH")
     found: dict[Path, CheckpointRef] = {}
     for spec in specs:
+        from . import kinds
+
         p = Path(spec)
-        if p.is_dir():
-            steps = [q for q in p.iterdir() if q.is_file() and STEP_RE.match(q.name)]
+        if p.is_dir() and kinds.detect(p) is not None:  # a folder that is one checkpoint (Hugging Face)
+            paths = [p]
+        elif p.is_dir():
+            steps = [q for q in p.iterdir() if STEP_RE.match(q.name) and (q.is_file() or kinds.detect(q) is not None)]
             if not steps:  # a folder of named checkpoints (best_model.pt, last_model.pt)
                 steps = [q for q in p.iterdir() if q.is_file() and q.suffix in (".pt", ".pth", ".ckpt")]
             if not steps:
@@ -105,10 +134,13 @@ def discover(specs: list[str]) -> list[CheckpointRef]:
             paths = [Path(q) for q in sorted(glob.glob(spec)) if Path(q).is_file()]
             if not paths:
                 raise ReportgenError(f"{spec}: the pattern matches no checkpoint file")
+        elif (ref := kinds.resolve(spec)) is not None:  # e.g. a model id in the local Hugging Face cache
+            paths = [ref]
         else:
             raise ReportgenError(f"{p}: checkpoint not found")
         for q in paths:
-            found.setdefault(q.resolve(), _ref(q))
+            r = q if isinstance(q, CheckpointRef) else make_ref(q)
+            found.setdefault(r.path.resolve(), r)
     folders: dict[tuple[str, str], CheckpointRef] = {}
     for r in found.values():  # `exp 1` and `exp-1`, or step_5 and step_5.pt: one report would replace the other
         if r.name.casefold() in RUN_OVERVIEW_FILES:
@@ -316,10 +348,10 @@ def load_trm(ref: CheckpointRef, sd: dict, run_config: dict, config_path: Path |
 
     cfg = trm_config_from(sd, run_config, dataset_meta, config_path)
     trained_dtype = cfg.forward_dtype
-    if dtype == "float32":
-        cfg.forward_dtype = "float32"
+    if dtype in ("float32", "bfloat16", "float16"):
+        cfg.forward_dtype = dtype
     elif dtype != "config":
-        raise ReportgenError(f"--dtype must be float32 or config, not {dtype!r}")
+        raise ReportgenError(f"--dtype must be float32, bfloat16, float16 or config, not {dtype!r}")
     torch.manual_seed(0)
     model = TRM(cfg)
     expected = model.state_dict()

@@ -28,7 +28,7 @@ def main():
 
 # `reportgen build --help` in sections, each with an example
 HELP_SECTIONS = (
-    ("Inputs", ("ckpts", "data", "config", "params", "only"),
+    ("Inputs", ("ckpts", "data", "adapter", "config", "params", "only"),
      "reportgen build --ckpt checkpoints/run/ --out site/ --param sudoku_latents.method=cosine"),
     ("Evaluation", ("eval_", "samples", "select", "seed", "device", "dtype", "threads", "max_memory"),
      "reportgen build --ckpt run/step_65100 --data data/sudoku-extreme --eval all --samples 8 --device cuda"),
@@ -37,7 +37,7 @@ HELP_SECTIONS = (
     ("Language models and SAEs", ("vocab", "seq_len", "max_seqs", "mask_rate", "mask_id", "sae", "train_sae",
                                   "sae_arch", "sae_tokens", "trust_checkpoint"),
      "reportgen build --ckpt model.pt --data eval.txt --vocab vocab.json --mask-id 4 --sae sae/blocks.2.hook_resid_post"),
-    ("Output", ("out", "formats", "figure_formats", "dpi", "self_contained", "force"),
+    ("Output", ("out", "formats", "figure_formats", "dpi", "self_contained", "templates", "force"),
      "reportgen build --ckpt run/ --out site/ --format html,pdf --figure-formats svg,png,pdf --dpi 300"),
     ("Cluster and parallel builds", ("jobs", "executor", "slurm_partition", "slurm_gpus", "slurm_time", "slurm_cpus"),
      "reportgen build --ckpt 'runs/*/step_*' --executor slurm --slurm-partition gpu --slurm-gpus 1"),
@@ -81,8 +81,9 @@ class SectionedCommand(click.Command):
               help="Seed for --select random and for the positions a masked language model sees masked.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto uses CUDA when present.")
-@click.option("--dtype", type=click.Choice(["float32", "config"]), default="float32", show_default=True,
-              help="Compute dtype: float32, or the checkpoint's forward_dtype (config; bfloat16 upstream).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "config"]), default="float32",
+              show_default=True, help="Compute dtype. TRM: float32, or the checkpoint's forward_dtype (config; "
+              "bfloat16 upstream). Language models: float32, bfloat16 or float16 (a 1B model in half the memory).")
 @click.option("--only", callback=_split_list, metavar="A,B",
               help="Analyses to run (default: all that apply). TRM: sudoku_latents, step_evolution, solving_stats; "
               "language models: attention, predictions, gradient_flow, token_map, sae_features.")
@@ -137,27 +138,23 @@ class SectionedCommand(click.Command):
               help="--train-sae training tokens.")
 @click.option("--trust-checkpoint", "trust_checkpoint", is_flag=True,
               help="Allow unpickling a whole pickled model (runs code from the file; only for files you trust).")
+@click.option("--adapter", metavar="FILE.py|MODULE:FUNCTION",
+              help="Your own PyTorch model: a function that builds it from the checkpoint and says how to read it "
+              "(see the README's adapter protocol). Runs your code, so only when named here or in reportgen.toml [model].")
+@click.option("--templates", metavar="DIR", help="A folder of Jinja templates that override reportgen's own, file by file.")
 @click.option("--timings", is_flag=True, help="Print the time spent per phase as JSON on stderr at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
-def build(ckpts, data, split, samples, eval_, dpi, max_memory, mask_id, select, seed, device, dtype, only, formats, figure_formats, self_contained, jobs, no_index, force, out,
-          config, params, threads, vocab, seq_len, max_seqs, mask_rate, sae, train_sae, sae_arch, sae_tokens,
-          trust_checkpoint, executor, slurm_partition, slurm_gpus, slurm_time, slurm_cpus, timings, quiet, debug):
+def build(timings, debug, eval_, no_index, **kw):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
     from .errors import ReportgenError
 
     try:
-        from .build import BuildOptions, Timer, run_build
+        from .build import BuildOptions, Timer, run_build  # noqa: F401
 
         timer = Timer()
-        run_build(BuildOptions(ckpts=list(ckpts), out=out, data=data, split=split, samples=samples, eval=eval_,
-                               dpi=dpi, max_memory=max_memory, mask_id=mask_id, select=select,
-                               seed=seed, device=device, dtype=dtype, only=only, formats=formats or [], figure_formats=figure_formats or [], self_contained=self_contained, jobs=jobs, write_index=not no_index, force=force,
-                               config=config, params=list(params), threads=threads, quiet=quiet, vocab=vocab,
-                               seq_len=seq_len, max_seqs=max_seqs, mask_rate=mask_rate, sae=sae, train_sae=train_sae,
-                               sae_arch=sae_arch, sae_tokens=sae_tokens, trust_checkpoint=trust_checkpoint,
-                               executor=executor, slurm_partition=slurm_partition, slurm_gpus=slurm_gpus,
-                               slurm_time=slurm_time, slurm_cpus=slurm_cpus), timer)
+        kw["formats"], kw["figure_formats"] = kw["formats"] or [], kw["figure_formats"] or []
+        run_build(BuildOptions(eval=eval_, write_index=not no_index, **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}), timer)
         if timings:
             import json
 
@@ -170,3 +167,43 @@ def build(ckpts, data, split, samples, eval_, dpi, max_memory, mask_id, select, 
     except KeyboardInterrupt:
         click.echo("reportgen: interrupted; finished reports are kept, unfinished ones were discarded", err=True)
         sys.exit(130)
+
+
+# BuildOptions fields that are not `reportgen build` flags (set by the build itself)
+_INTERNAL = {"write_index"}
+
+
+def command_line(opts, ckpts: list[str], **overrides) -> list[str]:
+    """The `reportgen build` command line (argv) that builds `ckpts` with the options `opts` holds, with
+    `overrides` (BuildOptions fields) applied: what --jobs children and submitit jobs run. Made from the
+    command's own options, so a new option is passed on without being listed here."""
+    import dataclasses
+
+    values = {**dataclasses.asdict(opts), **overrides}
+    values["ckpts"] = list(ckpts)
+    args = [sys.executable, "-m", "reportgen", "build"]
+    names = {"eval_": "eval"}
+    for p in build.params:
+        if not isinstance(p, click.Option) or p.name in ("timings", "debug", "no_index"):
+            continue
+        field = names.get(p.name, p.name)
+        if field not in values:
+            continue
+        v = values[field]
+        flag = max(p.opts, key=len)
+        if p.is_flag:
+            if v:
+                args.append(flag)
+        elif p.multiple:
+            for item in v or []:
+                args += [flag, str(item)]
+        elif v is None:
+            continue
+        elif isinstance(v, (list, tuple)):
+            if v:
+                args += [flag, ",".join(map(str, v))]
+        else:
+            args += [flag, str(v)]
+    if not values.get("write_index", True):
+        args.append("--no-index")
+    return args

@@ -102,12 +102,38 @@ def _bars(counts: list, width: int = 200, height: int = 36, color: str = "#0969d
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
 
 
-@lru_cache(maxsize=1)
+_OVERRIDE: list = [None]  # --templates DIR: templates that replace the shipped ones, file by file
+
+
+def set_templates(folder: str | None) -> None:
+    """Use the templates in `folder` before the shipped ones (--templates)."""
+    _OVERRIDE[0] = str(folder) if folder else None
+
+
+def plugin_template_dirs() -> list[str]:
+    """templates/ folders beside analyses that come from other packages (their partials/<NAME>.html)."""
+    import analyses
+
+    dirs = []
+    for mod in analyses.REGISTRY.values():
+        if mod.__name__.split(".")[0] != "analyses" and getattr(mod, "__file__", None):
+            d = Path(mod.__file__).resolve().parent / "templates"
+            if d.is_dir() and str(d) not in dirs:
+                dirs.append(str(d))
+    return dirs
+
+
 def environment():
+    return _environment(_OVERRIDE[0])
+
+
+@lru_cache(maxsize=4)
+def _environment(override: str | None):
     import jinja2
 
+    paths = ([override] if override else []) + [str(templates_dir())] + plugin_template_dirs()
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        loader=jinja2.FileSystemLoader(paths),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

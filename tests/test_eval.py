@@ -27,7 +27,7 @@ def build(*args):
 
 def example_subject():
     from reportgen.checkpoints import discover, load_trm, read_run_config, read_state_dict, strip_trm_prefixes
-    from reportgen.datasets import read_split
+    from reportgen.data.puzzles import read_split
 
     ref = discover([str(CKPT)])[0]
     run_config, config_path = read_run_config(ref.path)
@@ -78,7 +78,7 @@ def _direct(tr):
 
 @needs_example
 def test_eval_metrics_equal_a_direct_computation_on_the_full_trace(eval20):
-    from reportgen.probes import probe_trm
+    from reportgen.probes.trm import probe_trm
 
     subject, split = example_subject()
     tr = probe_trm(subject, split.inputs[:20], split.labels[:20], split.puzzle_identifiers[:20], np.arange(20), "cpu")
@@ -117,7 +117,7 @@ def test_eval_metrics_equal_a_direct_computation_on_the_full_trace(eval20):
 
 @needs_example
 def test_batch_size_does_not_change_the_numbers():
-    from reportgen.probes import run_trm
+    from reportgen.probes.trm import run_trm
 
     subject, split = example_subject()
     rows = np.arange(20)
@@ -176,7 +176,7 @@ def test_samples_no_longer_change_the_metrics_and_every_page_states_n(eval20):
 
 @needs_example
 def test_the_cap_of_eval_all_is_stated(tmp_path, monkeypatch):
-    from reportgen import probes
+    from reportgen.probes import trm as probes
 
     monkeypatch.setattr(probes, "EVAL_CPU_FLOP", 1.0)
     monkeypatch.setattr(probes, "EVAL_CAP_CPU_MIN", 30)

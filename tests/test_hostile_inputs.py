@@ -81,7 +81,7 @@ def test_nan_in_language_model_weights_names_the_tensor(tmp_path):
 
 def test_transformer_lens_dict_may_keep_its_minus_inf_mask_value_but_not_nan(tmp_path):
     from reportgen.errors import ReportgenError
-    from reportgen.lm import load_model, read_checkpoint
+    from reportgen.models.lm import load_model, read_checkpoint
     from reportgen.models.restoration import to_hooked
 
     hooked = to_hooked(make_lm(2).state_dict(), make_lm(2).cfg)
@@ -111,7 +111,7 @@ def test_state_dict_of_an_unrelated_model_is_named_as_such(proj, tmp_path, paylo
     p.parent.mkdir()
     torch.save(obj, p)
     refused(["--ckpt", p, *(["--data", data] if with_data else [])], out,
-            r"resnet18\.pth: not a checkpoint reportgen knows \(TRM, seed-004 RestorationModel, TransformerLens\)$")
+            r"resnet18\.pth: not a checkpoint reportgen knows \(TRM, seed-004 RestorationModel, TransformerLens(, [^)]*)?\); for your own model, pass --adapter FILE\.py$")
 
 
 def test_two_checkpoints_that_would_share_a_report_folder(proj, tmp_path):

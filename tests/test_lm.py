@@ -14,7 +14,9 @@ import torch
 from conftest import EVAL_TEXT, make_lm, save_restoration
 from reportgen.checkpoints import discover, sniff_kind
 from reportgen.errors import ReportgenError
-from reportgen.lm import load_tokens, load_vocab, mask_tokens, read_checkpoint, show_token
+from reportgen.data.tokens import load_tokens, load_vocab, mask_tokens
+from reportgen.models.lm import read_checkpoint
+from reportgen.text import show_token
 from reportgen.models.restoration import to_hooked
 
 
@@ -57,8 +59,7 @@ def test_seed_checkpoint_loads_as_saved(tmp_path):
     assert sniff_kind(p) == "lm"
     obj = read_checkpoint(p)
     assert set(obj) == {"model_state_dict", "config", "vocab_size"}
-    from reportgen.lm import load_model
-
+    from reportgen.models.lm import load_model
     model, causal, rows, declared = load_model(p, obj, "restoration", "cpu")
     assert causal is False
     x = torch.randint(0, 258, (2, 20))
@@ -74,8 +75,7 @@ def test_transformer_lens_saved_dict_loads(tmp_path):
     p = tmp_path / "tl.pt"
     torch.save({"cfg": hooked.cfg.to_dict(), "state_dict": hooked.state_dict()}, p)  # numpy scalars inside cfg
     obj = read_checkpoint(p)
-    from reportgen.lm import load_model, sniff
-
+    from reportgen.models.lm import load_model, sniff
     assert sniff(obj) == "transformer_lens"
     model, causal, _, _ = load_model(p, obj, "transformer_lens", "cpu")
     x = torch.randint(0, 258, (2, 12))
@@ -158,8 +158,8 @@ def test_attention_entropy_of_uniform_and_one_hot_rows():
 
 def test_probe_entropy_matches_pattern_and_loss_is_cross_entropy():
     """The probe's on-the-fly entropy equals the entropy of the cached pattern, and its loss is the mean CE."""
-    from reportgen.lm import LMSubject
-    from reportgen.lmprobe import probe_lm
+    from reportgen.models.lm import LMSubject
+    from reportgen.probes.lm import probe_lm
 
     ref = make_lm(8)
     model = to_hooked(ref.state_dict(), ref.cfg)
@@ -184,8 +184,8 @@ def test_sae_features_on_a_hand_set_sae(tmp_path):
     import analyses.sae_features as F
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from reportgen.lm import LMSubject
-    from reportgen.lmprobe import probe_lm
+    from reportgen.models.lm import LMSubject
+    from reportgen.probes.lm import probe_lm
 
     ref = make_lm(9)
     with torch.no_grad():  # an embedding where token 120 ('x') alone has a large first coordinate
@@ -326,8 +326,8 @@ def test_sae_pass_that_stops_after_the_hook_layer_gives_the_same_features():
     """With no analysis reading logits, the pass stops after the SAE's layer; codes and losses do not change."""
     from sae_lens import TopKSAE, TopKSAEConfig
 
-    from reportgen.lm import LMSubject
-    from reportgen.lmprobe import probe_lm
+    from reportgen.models.lm import LMSubject
+    from reportgen.probes.lm import probe_lm
 
     ref = make_lm(11)
     model = to_hooked(ref.state_dict(), ref.cfg)

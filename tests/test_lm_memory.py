@@ -13,8 +13,9 @@ import pytest
 
 from conftest import EVAL_TEXT, make_lm, save_restoration
 from reportgen.errors import ReportgenError
-from reportgen.lm import LMSubject, mask_tokens
-from reportgen.lmprobe import backward_bytes, batch_size, forward_bytes, probe_lm
+from reportgen.models.lm import LMSubject
+from reportgen.data.tokens import mask_tokens
+from reportgen.probes.lm import backward_bytes, batch_size, forward_bytes, probe_lm
 from reportgen.models.restoration import to_hooked
 
 NEEDS = {"attention": {"sample": 3, "positions": 6}, "predictions": {"top_k": 3}, "gradients": {"batch": 5},
@@ -138,7 +139,7 @@ def test_mask_id_for_a_model_that_names_no_mask_token(tmp_path):
 
 
 def test_resolve_mask_id():
-    from reportgen.lmreport import resolve_mask_id
+    from reportgen.kinds.lm import resolve_mask_id
 
     assert resolve_mask_id(None, 7, 10) == 7 and resolve_mask_id(3, 7, 10) == 3 and resolve_mask_id(None, None, 10) is None
     with pytest.raises(ReportgenError, match="--mask-id 10: outside"):

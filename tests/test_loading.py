@@ -7,7 +7,7 @@ import torch
 
 from conftest import UPSTREAM, needs_upstream, make_model, run_act, save_upstream, write_dataset
 from reportgen.checkpoints import discover, load_trm, read_run_config, read_state_dict, strip_trm_prefixes
-from reportgen.datasets import read_split
+from reportgen.data.puzzles import read_split
 from reportgen.errors import ReportgenError
 
 

@@ -14,14 +14,12 @@ import pytest
 import analyses.attention as A
 from conftest import make_lm
 from reportgen.errors import ReportgenError
-from reportgen.lm import show_token
-
-
+from reportgen.text import show_token
 @pytest.fixture(scope="module")
 def attention_data():
     """The attention analysis's data from a real probe of a tiny bidirectional model (2 layers, 2 heads)."""
-    from reportgen.lm import LMSubject
-    from reportgen.lmprobe import probe_lm
+    from reportgen.models.lm import LMSubject
+    from reportgen.probes.lm import probe_lm
     from reportgen.models.restoration import to_hooked
 
     ref = make_lm(3)
@@ -182,7 +180,7 @@ def test_board_symbols_are_explained_where_drawn():
 
 def test_sae_trained_on_another_checkpoint_is_stated():
     from reportgen.checkpoints import CheckpointRef
-    from reportgen.lmreport import sae_note, sae_source
+    from reportgen.kinds.lm import sae_note, sae_source
 
     ref = CheckpointRef(path=Path("ckpts/run/step_200.pt"), run="run", name="step_200", step=200)
     info = {"folder": "sae/x", "trained_on": "run/step_800"}

@@ -8,7 +8,7 @@ import analyses
 from analyses import solving_stats, step_evolution, sudoku_latents
 from conftest import make_model, run_act
 from reportgen.checkpoints import TRMSubject
-from reportgen.probes import TRMTrace, evalset_from_trace, probe_trm, reverse_embed
+from reportgen.probes.trm import TRMTrace, evalset_from_trace, probe_trm, reverse_embed
 from reportgen.stats import value
 
 

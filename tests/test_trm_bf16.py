@@ -13,7 +13,7 @@ import yaml
 from conftest import make_model, needs_upstream, run_act
 from make_trm_upstream_bf16 import DATA, REFERENCE, RUN, kernel_fingerprint, sha256
 from test_loading import load
-from reportgen.datasets import read_split
+from reportgen.data.puzzles import read_split
 
 
 def bf16_run_folder(tmp_path):

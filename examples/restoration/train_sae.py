@@ -33,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from reportgen.lm import load_model, mask_tokens, read_checkpoint, sniff
+    from reportgen.models.lm import load_model, read_checkpoint, sniff
+    from reportgen.data.tokens import mask_tokens
     from reportgen.sae import train_sae
 
     ckpt = Path(args.ckpt)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReportgenError, first_line
+from ..errors import ReportgenError, first_line
 
 FIELDS = ("inputs", "labels", "puzzle_identifiers")
 

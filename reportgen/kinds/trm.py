@@ -1,27 +1,102 @@
-"""TRM reports: load the upstream checkpoint and dataset → probe every ACT step → analyses; meta and page context.
-
-The build (build.py) calls `build_trm` for a checkpoint that `sniff_kind` calls "trm".
+"""The `trm` kind: upstream TRM checkpoints (step_N files, all_config.yaml beside them) on a Sudoku dataset in
+the upstream layout. Load → probe every ACT step over the evaluation puzzles → analyses; report meta and page.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .build import BuildOptions, Job, Timer, _log, _progress, write_report
-from .errors import ReportgenError
+from .. import __version__
+from ..errors import ReportgenError
+
+NAME = "trm"
+DESCRIPTION = "TRM"  # as the error on an unknown checkpoint lists the kinds
+SUBJECT = "trm"
 
 
-def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Timer, worker=None):
+@dataclass
+class Options:
+    """The build options a TRM report depends on (the cache digest covers these)."""
+
+    split: str = "test"
+    samples: int = 5
+    select: str = "first"
+    seed: int = 0
+    dtype: str = "float32"
+    data: str | None = None
+
+
+def sniff(path: Path) -> bool:
+    """A TRM checkpoint by its state-dict keys, or a file that is no torch.save archive at all (then loading it
+    says why it cannot be read)."""
+    from ..checkpoints import TRM_MARKERS, pickle_head
+
+    if not path.is_file():
+        return False
+    head = pickle_head(path)
+    return head is None or all(m in head for m in TRM_MARKERS)
+
+
+def check(ref, opts) -> None:
+    if opts.dtype not in ("float32", "bfloat16", "float16", "config"):
+        raise ReportgenError(f"--dtype {opts.dtype}: a TRM runs in float32, bfloat16, float16 or config")
+
+
+def _located(ref, opts):
+    """(run config, its path, dataset folder, how it was found)."""
+    from ..checkpoints import read_run_config, read_state_dict
+
+    try:
+        run_config, config_path = read_run_config(ref.path)
+        data_dir, data_how = resolve_data(opts, run_config, ref.path)
+    except ReportgenError:
+        read_state_dict(ref.path)  # an unreadable checkpoint is the problem to report first
+        raise
+    return run_config, config_path, data_dir, data_how
+
+
+def inputs(ref, opts) -> list[Path]:
+    """all_config.yaml and the files of the dataset split."""
+    _, config_path, data_dir, _ = _located(ref, opts)
+    split_dir = data_dir / opts.split
+    files = [f for f in sorted(split_dir.glob("*")) if f.is_file()] if split_dir.is_dir() else []
+    return ([config_path] if config_path is not None else []) + files
+
+
+def resolve_data(opts, run_config: dict, ckpt: Path) -> tuple[Path, str]:
+    """The dataset folder and how it was found."""
+    if opts.data:
+        p = Path(opts.data)
+        if not p.is_dir():
+            raise ReportgenError(f"{p}: dataset folder not found (--data)")
+        return p, "--data"
+    key = "data_paths_test" if opts.split == "test" and run_config.get("data_paths_test") else "data_paths"
+    paths = run_config.get(key) or []
+    if not paths:
+        raise ReportgenError(f"{ckpt}: no --data given and no all_config.yaml data_paths beside it to find the dataset")
+    rel = Path(paths[0])
+    if rel.is_dir():  # absolute, or relative to the working directory as upstream resolves it
+        return rel, f"all_config.yaml {key}"
+    for base in ckpt.resolve().parent.parents:  # a project folder above the checkpoint (upstream layout)
+        if (base / rel).is_dir():
+            return base / rel, f"all_config.yaml {key}, found under {base}"
+    raise ReportgenError(f"{rel}: dataset folder from all_config.yaml {key} not found from the working directory; pass --data")
+
+
+def gather(job, opts, params: dict, gc):
+    """Load, probe, analyse; returns the report's Gathered (nothing is written here)."""
     import analyses
     import numpy as np
 
-    from .build import eval_count, memory_budget
-    from .checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
-    from .datasets import check_ids, read_split, select
-    from .probes import eval_batch_size, eval_cap, run_trm
+    from ..config import eval_count, memory_budget
+    from . import Gathered
+    from ..checkpoints import is_trm, load_trm, read_state_dict, strip_trm_prefixes
+    from ..data.puzzles import check_ids, read_split, select
+    from ..probes.trm import eval_batch_size, eval_cap, run_trm
 
     ref, sha = job.ref, job.sha
-    run_config, config_path, data_dir, data_how = job.run_config, job.config_path, job.data_dir, job.data_how
+    device, timer = gc.device, gc.timer
+    run_config, config_path, data_dir, data_how = _located(ref, opts)
     with timer("load"):
         sd = strip_trm_prefixes(read_state_dict(ref.path))
         if not is_trm(sd):
@@ -46,13 +121,13 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
     keep = np.isin(rows, idx)
     batch = eval_batch_size(cfg, memory_budget(opts))
     capped = f" (the cap of --eval all on {device})" if evaluation["capped"] and n_eval else ""
-    _log(opts, f"  evaluating {n_eval} of {len(split)} puzzles{capped}, drawing {len(idx)}: {cfg.halt_max_steps} ACT "
+    gc.log(f"  evaluating {n_eval} of {len(split)} puzzles{capped}, drawing {len(idx)}: {cfg.halt_max_steps} ACT "
                f"steps × {len(rows)} puzzles on {device} ({cfg.forward_dtype}), batches of {batch}")
     if device == "cpu" and cfg.forward_dtype != "float32":
-        _log(opts, f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
+        gc.log(f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
     with timer("probe"):
         ev, trace = run_trm(subject, split.inputs[rows], split.labels[rows], split.puzzle_identifiers[rows], rows, keep,
-                            device, batch, progress=_progress(opts, "puzzles"))
+                            device, batch, progress=gc.make_progress("puzzles"))
     if n_eval:
         trace.eval = ev.head(n_eval)
         trace.eval.info = {k: v for k, v in evaluation.items() if k != "puzzles"}
@@ -69,12 +144,12 @@ def build_trm(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
             figs = mod.figures(data, params[mod.NAME])
         sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
                          "figures": figs})
-    from .probes import TRACE_ARRAYS
+    from ..probes.trm import TRACE_ARRAYS
 
     meta = report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metrics, sections)
     meta["evaluation"] = evaluation
     ctx = report_context(meta, subject, sections, TRACE_ARRAYS, trace)
-    return write_report(job, opts, meta, ctx, trace, sections, timer, worker)
+    return Gathered(meta, ctx, trace, sections)
 
 
 def plan_evaluation(n_split: int, requested: int | None, cap: int, where: str) -> dict:
@@ -97,7 +172,7 @@ def report_meta(ref, sha, subject, data_dir, data_how, opts, idx, device, metric
         "step": ref.step,
         "path": f"{ref.run}/{ref.name}/",
         "kind": "trm",
-        "checkpoint": {"path": str(ref.path), "sha256": sha, "bytes": ref.path.stat().st_size,
+        "checkpoint": {"path": str(ref.path), "sha256": sha, "bytes": ref.bytes,
                        "config": str(subject.config_path) if subject.config_path else None},
         "dataset": {"path": str(data_dir), "found_by": data_how, "split": opts.split,
                     "puzzle_indices": [int(i) for i in idx], "selection": opts.select,
@@ -128,7 +203,7 @@ def report_context(meta, subject, sections, trace_arrays, trace) -> dict:
         f"{meta['dataset']['split']} split of {Path(meta['dataset']['path']).name}, "
         f"metrics over {meta['evaluation']['puzzles']} puzzles, figures of {len(meta['dataset']['puzzle_indices'])}}}\n}}"
     )
-    from .probes import EVAL_ARRAYS
+    from ..probes.trm import EVAL_ARRAYS
 
     shapes = {k: list(v.shape) for k, v in trace.arrays.items()}
     ev_shapes = {k: list(v.shape) for k, v in trace.eval.arrays.items()} if trace.eval is not None else {}
@@ -136,5 +211,7 @@ def report_context(meta, subject, sections, trace_arrays, trace) -> dict:
         "meta": meta, "title": title, "config_rows": config_rows, "run_rows": run_rows, "notes": subject.notes,
         "sections": sections, "trace_arrays": [(k, shapes.get(k), d) for k, d in trace_arrays.items()],
         "eval_arrays": [(k, ev_shapes[k], d) for k, d in EVAL_ARRAYS.items()] if ev_shapes else [],
-        "bibtex": bib, "site_root": "../../",
+        "bibtex": bib, "site_root": "../../", "kind_title": "Tiny Recursive Model report", "config_caption": "as run",
+        "trace_note": " of the drawn puzzles (T ACT steps, N puzzles, P prefix positions, D hidden size, V vocabulary; "
+                      "token ids as upstream)",
     }

@@ -121,7 +121,7 @@ class EvalSet(_Arrays):
 
 def trm_flops(cfg, batch: int = 1) -> float:
     """Multiply-adds x2 of every matmul in halt_max_steps ACT steps (linear layers, attention, heads)."""
-    from .models.trm import inner_width
+    from ..models.trm import inner_width
 
     D, L, S, V = cfg.hidden_size, cfg.total_len, cfg.seq_len, cfg.vocab_size
     I = inner_width(cfg.expansion, D)
@@ -143,25 +143,11 @@ def eval_cap(cfg, device: str) -> int:
 def eval_batch_size(cfg, budget: int) -> int:
     """Puzzles per batch whose activations fit in `budget` bytes (a generous estimate of one ACT step's
     live tensors: carries, attention scores, SwiGLU, logits and softmax)."""
-    from .models.trm import inner_width
+    from ..models.trm import inner_width
 
     L, D, I = cfg.total_len, cfg.hidden_size, inner_width(cfg.expansion, cfg.hidden_size)
     per_puzzle = 4 * (L * (12 * D + 4 * I) + 3 * cfg.num_heads * L * L + 4 * cfg.seq_len * cfg.vocab_size)
     return int(max(1, min(4096, budget // per_puzzle)))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    from .errors import ReportgenError
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ReportgenError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise ReportgenError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return device
 
 
 def reverse_embed(z: np.ndarray, E: np.ndarray, method: str = "dot") -> np.ndarray:

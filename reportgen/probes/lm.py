@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ReportgenError
+from ..errors import ReportgenError
 
 F32 = 4
 DEFAULT_BUDGET = 2 * 2**30

@@ -1,29 +1,119 @@
-"""Language-model reports: load → tokens → (SAE) → one probe pass → analyses; meta and page context.
-
-The build (build.py) calls `prepare_lm` for a checkpoint that `sniff_kind` calls "lm", then writes
-the files exactly as for a TRM report.
+"""The `lm` kind: seed-004 RestorationModel checkpoints and saved TransformerLens models, read into a
+HookedTransformer. Also the shared part of every language-model kind (`gather_lm`): tokens → (SAE) → one probe
+pass for the needs the chosen analyses declare → analyses; report meta and page context. Other language-model
+kinds (hf, adapter) differ only in how they load the subject (`load_subject`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ReportgenError, first_line
+from ..errors import ReportgenError, first_line
 
-LM_OPTION_FIELDS = ("vocab", "seq_len", "max_seqs", "mask_rate", "mask_id", "sae", "train_sae", "sae_arch", "sae_tokens",
-                    "samples", "seed", "trust_checkpoint")
+NAME = "lm"
+DESCRIPTION = "seed-004 RestorationModel, TransformerLens"
+SUBJECT = "lm"
 
 
-def input_files(job, opts) -> list[Path]:
-    """Files besides the checkpoint whose bytes a LM report depends on (for the cache key)."""
+@dataclass
+class Options:
+    """The build options a language-model report depends on (the cache digest covers these)."""
+
+    vocab: str | None = None
+    seq_len: int = 0
+    max_seqs: int = 256
+    mask_rate: float = 0.15
+    mask_id: int | None = None
+    sae: str | None = None
+    train_sae: int | None = None
+    sae_arch: str = "topk"
+    sae_tokens: int = 200_000
+    samples: int = 5
+    seed: int = 0
+    dtype: str = "float32"
+    trust_checkpoint: bool = False
+
+
+LM_MARKERS = ((b"model_state_dict", b"config", b"d_model"),  # seed 004
+              (b"state_dict", b"cfg", b"W_E"))  # {cfg, state_dict} of a HookedTransformer
+
+
+def sniff(path: Path) -> bool:
+    from ..checkpoints import pickle_head
+
+    if not path.is_file():
+        return False
+    head = pickle_head(path) or b""
+    return b"HookedTransformer" in head or any(all(m in head for m in ms) for ms in LM_MARKERS)
+
+
+def check(ref, opts) -> None:
+    """A language model needs --data, in a dtype it can run in."""
+    if not opts.data:
+        raise ReportgenError(f"{ref.path}: a language-model checkpoint needs --data (a UTF-8 text file, a .npy/.pt "
+                             f"token array or a datasets folder)")
+    if not Path(opts.data).exists():
+        raise ReportgenError(f"{opts.data}: evaluation data not found (--data)")
+    if opts.dtype == "config":
+        raise ReportgenError("--dtype config is for TRM checkpoints; a language model runs in float32, bfloat16 or float16")
+
+
+def inputs(ref, opts) -> list[Path]:
+    """The evaluation data, the vocabulary and the SAE: files besides the checkpoint whose bytes the report
+    depends on."""
+    files = data_files(opts)
+    vocab = Path(opts.vocab) if opts.vocab and opts.vocab != "bytes" else ref.path.parent / "vocab.json"
+    if vocab.is_file():
+        files.append(vocab)
+    return files
+
+
+def data_files(opts) -> list[Path]:
+    """--data and --sae files (for every language-model kind's inputs)."""
     files = []
     data = Path(opts.data)
     files += sorted(q for q in data.rglob("*") if q.is_file()) if data.is_dir() else [data]
-    vocab = Path(opts.vocab) if opts.vocab and opts.vocab != "bytes" else job.ref.path.parent / "vocab.json"
-    if vocab.is_file():
-        files.append(vocab)
     if opts.sae:
         files += sorted(q for q in Path(opts.sae).glob("*") if q.is_file())
     return files
+
+
+def gather(job, opts, params: dict, gc):
+    return gather_lm(job, opts, params, gc, load_subject)
+
+
+def load_subject(ref, opts, device: str):
+    """The LMSubject of a seed-004 or TransformerLens checkpoint."""
+    from ..data.tokens import MASK_NAMES, PAD_NAMES, load_vocab, special_id
+    from ..models.lm import LMSubject, load_model, read_checkpoint, sniff as sniff_format
+
+    require_lm_extras(ref.path, opts)
+    obj = read_checkpoint(ref.path, opts.trust_checkpoint)
+    fmt = sniff_format(obj)
+    if fmt is None:
+        raise ReportgenError(f"{ref.path}: not a language-model checkpoint reportgen knows (expected "
+                             f"{{model_state_dict, config, vocab_size}} or {{cfg, state_dict}})")
+    model, causal, rows, declared = load_model(ref.path, obj, fmt, device)
+    del obj  # the model holds its own copy of the weights
+    cfg = model.cfg
+    vocab, vocab_src, byte_level = load_vocab(opts.vocab, ref.path, cfg.d_vocab)
+    mask_id = resolve_mask_id(opts.mask_id, special_id(vocab, MASK_NAMES, declared["mask"], cfg.d_vocab), cfg.d_vocab)
+    pad_id = special_id(vocab, PAD_NAMES, declared["pad"], cfg.d_vocab)
+    subject = LMSubject(ref=ref, model=model, format=fmt, causal=causal, config_rows=rows, vocab=vocab,
+                        vocab_source=vocab_src, byte_level=byte_level, mask_id=mask_id, pad_id=pad_id)
+    set_dtype(subject, opts.dtype)
+    return subject
+
+
+def set_dtype(subject, dtype: str) -> None:
+    """Run the subject's model in `dtype` (float32, bfloat16, float16)."""
+    if dtype in (None, "float32", "config") or subject.dtype == dtype:
+        return
+    import torch
+
+    subject.model.to(getattr(torch, dtype))
+    subject.model.cfg.dtype = getattr(torch, dtype)
+    subject.dtype = dtype
 
 
 def resolve_layer(layer: int, n_layers: int, what: str) -> int:
@@ -70,33 +160,27 @@ def resolve_mask_id(flag: int | None, found: int | None, d_vocab: int) -> int | 
     return int(flag)
 
 
-def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) -> dict:
+def gather_lm(job, opts, params: dict, gc, load):
+    """Every language-model kind's report: `load(ref, opts, device) -> LMSubject`, then tokens, SAE, one probe
+    pass and the analyses. Returns the report's Gathered (nothing is written here)."""
     import numpy as np
 
     import analyses
 
-    from .lm import LMSubject, PAD_NAMES, MASK_NAMES, load_model, load_tokens, load_vocab, mask_tokens, read_checkpoint, sniff, special_id
-    from .build import eval_count, memory_budget
-    from .lmprobe import check_token_map_memory, merge_needs, probe_lm
-    from .text import uncovered_note
+    from . import Gathered
+    from ..data.tokens import MASK_NAMES, load_tokens, mask_tokens
+    from ..config import eval_count, memory_budget
+    from ..probes.lm import check_token_map_memory, merge_needs, probe_lm
+    from ..text import uncovered_note
 
     ref = job.ref
+    device, timer, log, progress = gc.device, gc.timer, gc.log, gc.make_progress("sequences")
     budget = memory_budget(opts)
     with timer("load"):
-        require_lm_extras(ref.path, opts)
-        obj = read_checkpoint(ref.path, opts.trust_checkpoint)
-        fmt = sniff(obj)
-        if fmt is None:
-            raise ReportgenError(f"{ref.path}: not a language-model checkpoint reportgen knows (expected "
-                                 f"{{model_state_dict, config, vocab_size}} or {{cfg, state_dict}})")
-        model, causal, rows, declared = load_model(ref.path, obj, fmt, device)
-        del obj  # the model holds its own copy of the weights
+        subject = load(ref, opts, device)
+        model, causal, vocab, mask_id, pad_id = subject.model, subject.causal, subject.vocab, subject.mask_id, subject.pad_id
+        vocab_src, byte_level = subject.vocab_source, subject.byte_level
         cfg = model.cfg
-        vocab, vocab_src, byte_level = load_vocab(opts.vocab, ref.path, cfg.d_vocab)
-        mask_id = resolve_mask_id(opts.mask_id, special_id(vocab, MASK_NAMES, declared["mask"], cfg.d_vocab), cfg.d_vocab)
-        pad_id = special_id(vocab, PAD_NAMES, declared["pad"], cfg.d_vocab)
-        subject = LMSubject(ref=ref, model=model, format=fmt, causal=causal, config_rows=rows, vocab=vocab,
-                            vocab_source=vocab_src, byte_level=byte_level, mask_id=mask_id, pad_id=pad_id)
         glyphs = uncovered_note(vocab[:cfg.d_vocab])  # also adds installed fonts for the vocabulary's scripts
         if glyphs:
             subject.notes.append(glyphs)
@@ -105,7 +189,7 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
             raise ReportgenError(f"--seq-len {seq_len} is longer than the model's context ({cfg.n_ctx})")
         want, cap = eval_count(opts), eval_cap(seq_len)
         limit = max(want if want is not None else cap + 1, opts.max_seqs)
-        tokens = load_tokens(Path(opts.data), vocab, byte_level, cfg.d_vocab, seq_len, limit)
+        tokens = load_tokens(Path(opts.data), vocab, byte_level, cfg.d_vocab, seq_len, limit, encode=subject.encode)
         capped = want is None and len(tokens) > cap
         n_eval = min(want if want is not None else cap, len(tokens))
         n_act = min(opts.max_seqs, len(tokens))
@@ -131,7 +215,7 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
         selected = [m for m in selected if m.NAME != "sae_features"]
     sae_dir = None
     if want_sae:
-        from .sae import load_sae, temp_folder, train_sae
+        from ..sae import load_sae, temp_folder, train_sae
 
         if opts.sae:
             with timer("load"):
@@ -170,21 +254,23 @@ def prepare_lm(job, opts, params: dict, device: str, timer, log, progress=None) 
             figs = mod.figures(data, params[mod.NAME])
         sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
                          "figures": figs, "module": mod})
-    return {"subject": subject, "trace": trace, "sections": sections, "metrics": metrics, "sae_info": sae_info,
-            "sae_dir": sae_dir, "tokens": tokens}
+    prepared = {"subject": subject, "trace": trace, "sections": sections, "metrics": metrics, "sae_info": sae_info,
+                "tokens": tokens}
+    meta = lm_meta(job, opts, prepared, device)
+    return Gathered(meta, lm_context(meta, prepared), trace, sections, {"sae": sae_dir} if sae_dir else {})
 
 
 def lm_meta(job, opts, prepared: dict, device: str) -> dict:
     import torch
 
-    from .stats import bootstrap_mean
+    from ..stats import bootstrap_mean
 
     s = prepared["subject"]
     tr = prepared["trace"]
     ref = job.ref
     meta = {
-        "run": ref.run, "name": ref.name, "step": ref.step, "path": f"{ref.run}/{ref.name}/", "kind": "lm",
-        "checkpoint": {"path": str(ref.path), "sha256": job.sha, "bytes": ref.path.stat().st_size, "format": s.format,
+        "run": ref.run, "name": ref.name, "step": ref.step, "path": f"{ref.run}/{ref.name}/", "kind": job.kind.NAME,
+        "checkpoint": {"path": str(ref.path), "sha256": job.sha, "bytes": ref.bytes, "format": s.format,
                        "config": None},
         "dataset": {"path": str(opts.data), "found_by": "--data", "sequences": int(tr.metrics["n_seqs"]),
                     "activation_sequences": int(tr.metrics["n_act"]), "eval_cap": tr.metrics.get("eval_cap"),
@@ -195,7 +281,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
                   "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
                   "mask_id": s.mask_id},
         "sae": sae_source(prepared["sae_info"], ref),
-        "compute": {"device": device, "dtype": "float32"},
+        "compute": {"device": device, "dtype": s.dtype},
         "analyses": [x["name"] for x in prepared["sections"]],
         "metrics": {**({"loss": bootstrap_mean(tr.token_loss)} if tr.token_loss is not None else {}), **prepared["metrics"]},
         "versions": {"reportgen": __import__("reportgen").__version__, "torch": torch.__version__.split("+")[0],
@@ -241,7 +327,7 @@ def _version(dist: str) -> str | None:
 
 
 def lm_context(meta: dict, prepared: dict) -> dict:
-    from .lmprobe import TRACE_ARRAYS
+    from ..probes.lm import TRACE_ARRAYS
 
     s, tr = prepared["subject"], prepared["trace"]
     step = meta["step"]
@@ -256,5 +342,7 @@ def lm_context(meta: dict, prepared: dict) -> dict:
               **{k: v.shape for k, v in tr.arrays.items()}}
     note = sae_note(meta["sae"], f"{meta['run']}/{meta['name']}")
     return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": s.notes + ([note] if note else []),
-            "sections": prepared["sections"], "bibtex": bib, "site_root": "../../",
+            "sections": prepared["sections"], "bibtex": bib, "site_root": "../../", "kind_title": "Language-model report",
+            "config_caption": f"({meta['checkpoint']['format']} checkpoint)",
+            "trace_note": " (N sequences of T tokens, S shown sequences, k top predictions)",
             "trace_arrays": [(k, list(shapes[k]), d) for k, d in TRACE_ARRAYS.items() if k in shapes]}

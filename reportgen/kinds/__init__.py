@@ -1,0 +1,124 @@
+"""Model kinds, registered by name like the analyses.
+
+A kind is one module that answers, for the checkpoints of one format:
+
+- `NAME`, `DESCRIPTION` (one line for `reportgen list`), `SUBJECT` (the subject family its analyses are
+  registered for: "trm" or "lm"), `Options` (a dataclass of the build options it reads; the cache digest
+  covers exactly these), and the header partial `templates/headers/<NAME>.html`;
+- `sniff(path) -> bool`: is this checkpoint (a file or a folder) of this kind? Cheap, and without importing
+  torch, so that up-to-date reports are skipped before any heavy import;
+- `inputs(ref, opts) -> list[Path]`: the files besides the checkpoint whose bytes the report depends on;
+- `check(ref, opts)`: option errors a build can report before any model runs (optional);
+- `resolve(spec) -> Path | CheckpointRef | None`: a checkpoint for a --ckpt that is no path (optional; the
+  `hf` kind finds model ids in the local Hugging Face cache);
+- `gather(job, opts, params, ctx) -> Gathered`: load the subject, run the probe for the needs the chosen
+  analyses declare, run the analyses, and describe the report (meta, page context).
+
+`SNIFF_ORDER` is the order kinds are asked in; a kind from another installed package joins through the
+`reportgen.kinds` entry point group (its module object) and is asked after the built-in ones. The
+`adapter` kind is never sniffed: it runs user code, so only `--adapter` (or `[model] adapter` in
+reportgen.toml) selects it.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ReportgenError
+
+BUILTIN = ("trm", "lm")  # modules of this package, in sniffing order
+
+
+@dataclass
+class Gathered:
+    """Everything a report shows, gathered before anything is written (build.py hands it to the writer)."""
+
+    meta: dict  # data/report.json
+    context: dict  # the page's template context
+    trace: object  # has .save(path) -> data/trace.npz; TRM traces also carry .eval (data/eval.npz)
+    sections: list  # {"name", "title", "anchor", "data", "figures"} per analysis, in report order
+    extra_dirs: dict = field(default_factory=dict)  # report-relative folder name -> a temporary folder moved in
+
+
+@dataclass
+class GatherContext:
+    """What a kind's gather gets from the build besides options and params."""
+
+    device: str
+    timer: object  # log.Timer
+    log: object  # callable(str)
+    progress: object = None  # callable(done, total) | None; made by progress(what)
+    make_progress: object = None  # callable(what) -> progress callable or None
+
+
+_loaded: dict | None = None
+
+
+def registry() -> dict:
+    """name -> kind module: the built-in kinds, then those of installed plugins (entry points)."""
+    global _loaded
+    if _loaded is None:
+        kinds = {name: importlib.import_module(f"{__name__}.{name}") for name in BUILTIN}
+        for ep in _entry_points("reportgen.kinds"):
+            try:
+                mod = ep.load()
+            except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback
+                raise ReportgenError(f"kind plugin {ep.name} ({ep.value}) cannot be imported: {e}") from None
+            _check_kind(mod, ep.name)
+            kinds.setdefault(mod.NAME, mod)
+        _loaded = kinds
+    return _loaded
+
+
+def _entry_points(group: str):
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=group))
+
+
+REQUIRED = ("NAME", "DESCRIPTION", "SUBJECT", "Options", "sniff", "inputs", "gather")
+
+
+def _check_kind(mod, where: str) -> None:
+    missing = [a for a in REQUIRED if not hasattr(mod, a)]
+    if missing:
+        raise ReportgenError(f"kind plugin {where}: module {mod.__name__} lacks {', '.join(missing)}")
+
+
+def get(name: str):
+    kinds = registry()
+    if name not in kinds:
+        raise ReportgenError(f"unknown model kind {name!r} (known: {', '.join(kinds)})")
+    return kinds[name]
+
+
+def known_text() -> str:
+    """The kinds reportgen knows, for the error on an unknown checkpoint."""
+    return ", ".join(m.DESCRIPTION for m in registry().values() if getattr(m, "SNIFFED", True))
+
+
+def detect(path: Path):
+    """The kind module whose sniff claims `path`, or None."""
+    for mod in registry().values():
+        if getattr(mod, "SNIFFED", True) and mod.sniff(path):
+            return mod
+    return None
+
+
+def resolve(spec: str):
+    """A checkpoint that a kind finds for a --ckpt that is not a path (a model id in the local Hugging Face
+    cache): a Path or a CheckpointRef, or None."""
+    for mod in registry().values():
+        if hasattr(mod, "resolve"):
+            found = mod.resolve(spec)
+            if found is not None:
+                return found
+    return None
+
+
+def options(mod, opts):
+    """The kind's Options dataclass filled from the build options of the same names (the rest keep defaults)."""
+    import dataclasses
+
+    return mod.Options(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(mod.Options) if hasattr(opts, f.name)})
