@@ -14,6 +14,8 @@ from reportgen.text import show_token, symbol_key
 from reportgen.stats import bootstrap_mean
 
 NAME = "attention"
+METRICS = {"attention_entropy": ("attn. entropy", "num")}
+PATTERN = "attn.hook_pattern"  # the hook point whose activations this analysis reads, reduced to entropy
 TITLE = "Attention patterns and entropy"
 SUBJECTS = ("lm",)
 LOG_FLOOR = 1e-3  # bottom of the shared log colour scale
@@ -78,7 +80,7 @@ class Params:
 
 
 def needs(params: Params) -> dict:
-    return {"attention": {"sample": params.sample, "positions": params.max_tokens}}
+    return {"activations": {PATTERN: {"reduce": "entropy", "sample": params.sample, "window": params.max_tokens}}}
 
 
 def reading(e: float, p: Params) -> str:
@@ -86,7 +88,9 @@ def reading(e: float, p: Params) -> str:
 
 
 def compute(trace, params: Params) -> dict:
-    a = trace.attention
+    a = trace.activations.get(PATTERN) if hasattr(trace, "activations") else None
+    if a is None:
+        raise ValueError("attention: the trace has no attention patterns (the probe was not asked for them)")
     n = min(params.max_tokens, a["pattern"].shape[-1])  # the probe keeps only the shown window
     pat = a["pattern"][:, :, :n, :n]  # [L,H,n,n]
     ids = trace.inputs[a["sample"], :n]

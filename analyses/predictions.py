@@ -15,6 +15,7 @@ from reportgen.figures import BAD, GOOD, Figure, mpl_figure
 from reportgen.stats import bootstrap_mean, proportion
 
 NAME = "predictions"
+METRICS = {"masked_accuracy": ("masked acc.", "pct"), "next_token_accuracy": ("next-token acc.", "pct")}
 TITLE = "Predictions"
 SUBJECTS = ("lm",)
 
@@ -31,7 +32,7 @@ class Params:
 
 
 def needs(params: Params) -> dict:
-    return {"predictions": {"top_k": params.top_k}}
+    return {"logits": {"top_k": params.top_k}}
 
 
 def compute(trace, params: Params) -> dict:

@@ -17,6 +17,7 @@ from reportgen.figures import ACCENT, BAD, INK, MUTED, Canvas, Figure, power_of_
 from reportgen.stats import Z95, metric
 
 NAME = "sae_features"
+METRICS = {"sae_l0": ("SAE L0", "num"), "sae_explained_variance": ("SAE expl. var.", "pct")}
 TITLE = "Sparse autoencoder features"
 SUBJECTS = ("lm",)
 RANKS = ("mean", "max", "density")

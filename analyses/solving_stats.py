@@ -20,6 +20,10 @@ from reportgen.figures import ACCENT, BAD, CHANGED, GOOD, INK, MUTED, Canvas, Fi
 from reportgen.stats import bootstrap_mean, bootstrap_ratios, metric, proportion, value
 
 NAME = "solving_stats"
+# headline metrics: label on the index page, summary.md and run overview, and how the value reads
+METRICS = {"blank_accuracy": ("blank-cell acc.", "pct"), "exact_solve_rate": ("exact solve", "pct"),
+           "mean_steps_to_first_correct": ("steps to solve", "num"), "halt_precision": ("halt precision", "pct"),
+           "halt_recall": ("halt recall", "pct")}
 TITLE = "Solving statistics"
 SUBJECTS = ("trm",)
 USES_EVAL = True  # reads trace.eval: the probe runs the evaluation pass for it

@@ -2,8 +2,8 @@
 residual stream (x, y in the first two dimensions, repeated over all dimension pairs, or through a
 fixed random projection), fed in at one layer as one-token sequences, and each point is labelled
 with the model's most probable next token and its probability. Regions of one token show how the
-model partitions that 2-D slice; the shading shows how sure it is. The probe computes the grid
-(`reportgen.probes.lm.token_map`); this module exports it as the seed's JSON and draws it on a Canvas
+model partitions that 2-D slice; the shading shows how sure it is. This module makes the grid's
+vectors; the probe runs them from the layer (its `run_from_layer` need); this module exports the result as the seed's JSON and draws it on a Canvas
 (one rectangle and one label per cell: a 50×50 map in milliseconds, not seconds of matplotlib text).
 """
 from __future__ import annotations
@@ -93,10 +93,58 @@ def resolve_layer(layer: int, n_layers: int) -> int:
 
 
 def needs(params: Params) -> dict:
-    """What the probe computes for this analysis (the layer is resolved by the build)."""
-    return {"token_map": {"grid_size": params.grid_size, "spacing": params.spacing, "center": list(params.center),
-                          "layer": params.layer, "method": params.method, "seed": params.seed,
-                          "batch_size": params.batch_size}}
+    """What the probe computes for this analysis: the grid's vectors run from `layer` (-1: the last block;
+    the build resolves it against the model)."""
+    spec = {"grid_size": params.grid_size, "spacing": params.spacing, "center": list(params.center),
+            "method": params.method, "seed": params.seed}
+    return {"run_from_layer": {"layer": params.layer, "count": params.grid_size ** 2, "batch_size": params.batch_size,
+                               "vectors": GridVectors(spec), "bytes_per_vector": 76,
+                               "fit_hint": lambda n: f"at most grid_size {int(n ** 0.5)} fits"}}
+
+
+class GridVectors:
+    """The grid's points lifted into the residual stream: `(rows, d_model) -> [len(rows), d_model]` tensor."""
+
+    def __init__(self, spec: dict):
+        self.spec = dict(spec)
+
+    def __eq__(self, other):
+        return isinstance(other, GridVectors) and other.spec == self.spec
+
+    def __call__(self, rows: slice, d_model: int):
+        return grid_vectors(self.spec, d_model, rows)[1]
+
+
+def grid_coords(spec: dict) -> np.ndarray:
+    """[G*G, 2] float32 coordinates of the grid, row-major, row 0 at the top (largest y)."""
+    G, s = int(spec["grid_size"]), float(spec["spacing"])
+    cx, cy = (float(c) for c in spec.get("center", (0.0, 0.0)))
+    axis = (np.arange(G) - (G - 1) / 2) * s
+    xs, ys = np.meshgrid(cx + axis, cy - axis)
+    return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
+
+
+def grid_vectors(spec: dict, d_model: int, rows: slice | None = None):
+    """The grid's coordinates [n, 2] and their d_model-dimensional vectors (torch) for `rows` of the grid."""
+    import torch
+
+    coords = grid_coords(spec)
+    if rows is not None:
+        coords = coords[rows]
+    c = torch.from_numpy(coords)
+    method = spec["method"]
+    if method == "direct":
+        v = torch.zeros(len(c), d_model)
+        v[:, :2] = c
+    elif method == "replicated":
+        v = c.repeat(1, (d_model + 1) // 2)[:, :d_model]
+    elif method == "random_projection":
+        g = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+        R = torch.randn(2, d_model, generator=g) / np.sqrt(d_model)  # E|cR|^2 = |c|^2: distances kept on average
+        v = c @ R
+    else:
+        raise ValueError(f"unknown embedding method {method!r}")
+    return coords, v
 
 
 def _token(vocab, t: int) -> str:
@@ -104,14 +152,15 @@ def _token(vocab, t: int) -> str:
 
 
 def compute(trace, params: Params) -> dict:
-    tm = trace.token_map
-    if tm is None:
-        raise ValueError("token_map: the trace has no token map (the probe was not asked for one)")
-    spec = tm.get("spec", {})
-    ids = np.asarray(tm["ids"]).astype(np.int64)
-    probs = np.asarray(tm["probs"], dtype=np.float64)
-    coords = np.asarray(tm["coords"], dtype=np.float64)
-    G = ids.shape[0]
+    rf = getattr(trace, "run_from", None)
+    if rf is None:
+        raise ValueError("token_map: the trace has no vectors run from a layer (the probe was not asked for them)")
+    spec = {**rf.get("vectors", {}), "layer": rf["layer"], "batch_size": rf.get("batch_size", params.batch_size)}
+    G = int(round(np.asarray(rf["ids"]).size ** 0.5))
+    ids = np.asarray(rf["ids"]).astype(np.int64).reshape(G, -1)
+    probs = np.asarray(rf["probs"], dtype=np.float64).reshape(G, -1)
+    coords = grid_coords({"grid_size": G, "spacing": spec.get("spacing", params.spacing),
+                          "center": spec.get("center", params.center)}).astype(np.float64)
     if ids.shape != (G, G) or probs.shape != (G, G) or coords.shape != (G * G, 2):
         raise ValueError(f"token_map: expected ids and probs [G,G] and coords [G*G,2], got {ids.shape}, "
                          f"{probs.shape}, {coords.shape}")

@@ -56,7 +56,7 @@ def small(args) -> None:
     from reportgen.figures import save
     from reportgen.models.lm import LMSubject, load_model, read_checkpoint, sniff
     from reportgen.data.tokens import load_tokens, load_vocab, mask_tokens
-    from reportgen.probes.lm import probe_lm, token_map
+    from reportgen.probes.lm import probe_lm, run_from_layer
     from reportgen.render import environment
     from reportgen.sae import load_sae
 
@@ -87,7 +87,7 @@ def small(args) -> None:
         return tr, SF.compute(tr, params)
 
     def data_full():  # the same with logits for every sequence, as when predictions run in the same report
-        tr = probe_lm(subject, tokens, inputs, scored, {**SF.needs(params), "predictions": {"top_k": 5}}, "cpu", sae=sae)
+        tr = probe_lm(subject, tokens, inputs, scored, {**SF.needs(params), "logits": {"top_k": 5}}, "cpu", sae=sae)
         return tr, SF.compute(tr, params)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-lm-"))
@@ -122,13 +122,13 @@ def small(args) -> None:
           f"every sequence, as with predictions on: {med['data_full']:.3f} s = {med['data_full'] / med['floor']:.3f}x floor)")
 
     tp = TM.Params(grid_size=50)
-    spec = {**TM.needs(tp)["token_map"], "layer": model.cfg.n_layers - 1}
+    need = {**TM.needs(tp)["run_from_layer"], "layer": model.cfg.n_layers - 1}
     fwd, rest = [], []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        tm = token_map(model, spec, "cpu")
+        rf = run_from_layer(model, need, "cpu")
         t1 = time.perf_counter()
-        trace = type("T", (), {"token_map": tm, "vocab": vocab, "n_layers": model.cfg.n_layers})()
+        trace = type("T", (), {"run_from": rf, "vocab": vocab, "n_layers": model.cfg.n_layers})()
         d = TM.compute(trace, tp)
         (fig,) = TM.figures(d, tp)
         save(fig, tmp / "tm", ("svg", "png"))

@@ -1,6 +1,6 @@
 """reportgen: publication-style HTML/PDF reports for small reasoning and language model checkpoints."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 # The submodule reportgen.build is imported first, so that the function below keeps the name
 # `reportgen.build` (a later first import of the submodule would rebind it to the module).

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .config import BuildOptions, eval_count, memory_budget, validate  # noqa: F401  (BuildOptions: reportgen.build's API)
 from .errors import ReportgenError
 from .log import Timer, log, progress
@@ -28,11 +28,9 @@ def plan(ref, opts: BuildOptions, params: dict, out: Path) -> Job:
     """The checkpoint's kind (an adapter when one is named), its input files and the report's digest."""
     from . import kinds
     from .cache import cache_key
-    from .checkpoints import unknown_checkpoint
-
     kind = kinds.get("adapter") if opts.adapter else kinds.detect(ref.path)
     if kind is None:
-        raise unknown_checkpoint(ref.path)
+        raise kinds.unknown_checkpoint(ref.path)
     if hasattr(kind, "check"):
         kind.check(ref, opts)
     files = kind.inputs(ref, opts)
@@ -46,7 +44,7 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
     Reports whose inputs are unchanged are skipped before torch, matplotlib or WeasyPrint is imported,
     so a rebuild with nothing new costs little more than hashing the inputs."""
     from . import cache
-    from .checkpoints import discover
+    from .kinds import discover
     from .render import set_templates
 
     timer = timer or Timer()
@@ -141,7 +139,7 @@ def build_elsewhere(opts: BuildOptions, refs, todo: list, folders: list[Path], o
     import os
 
     from .cache import up_to_date
-    from .cli import command_line
+    from .config import command_line
     from .executors import run_jobs, run_processes
 
     child = dict(jobs=1, executor="none", write_index=False)

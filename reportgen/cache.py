@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 # options that change every kind's report; each kind adds its own Options (an option of another kind, e.g.
 # --mask-rate for a TRM report, never makes a report stale)

@@ -92,37 +92,20 @@ def pickle_head(path: Path) -> bytes | None:
         return None
 
 
-def sniff_kind(path: Path) -> str:
-    """The name of the model kind that claims `path` (reportgen/kinds), or 'unknown'."""
-    from . import kinds
-
-    mod = kinds.detect(Path(path))
-    return mod.NAME if mod is not None else "unknown"
-
-
-def unknown_checkpoint(path: Path) -> ReportgenError:
-    """The error for a checkpoint of no kind reportgen knows (one that cannot be read says that instead)."""
-    from . import kinds
-
-    if path.is_file():
-        _torch_load(path)
-    return ReportgenError(f"{path}: not a checkpoint reportgen knows ({kinds.known_text()}); for your own model, "
-                          f"pass --adapter FILE.py")
-
-
-def discover(specs: list[str]) -> list[CheckpointRef]:
-    """Checkpoint files from paths, run folders (every step_N inside) or globs, ordered by run and step."""
+def discover(specs: list[str], detect=None, resolve=None) -> list[CheckpointRef]:
+    """Checkpoint files from paths, run folders (every step_N inside) or globs, ordered by run and step.
+    detect(path) -> truthy when a folder is itself one checkpoint (a kind claims it, e.g. a Hugging Face folder);
+    resolve(spec) -> Path | CheckpointRef | None for a spec that is no path (reportgen.kinds passes both)."""
+    detect = detect or (lambda p: None)
     if not specs:
         raise ReportgenError("no checkpoint given: pass --ckpt PATH")
     found: dict[Path, CheckpointRef] = {}
     for spec in specs:
-        from . import kinds
-
         p = Path(spec)
-        if p.is_dir() and kinds.detect(p) is not None:  # a folder that is one checkpoint (Hugging Face)
+        if p.is_dir() and detect(p):  # a folder that is one checkpoint (Hugging Face)
             paths = [p]
         elif p.is_dir():
-            steps = [q for q in p.iterdir() if STEP_RE.match(q.name) and (q.is_file() or kinds.detect(q) is not None)]
+            steps = [q for q in p.iterdir() if STEP_RE.match(q.name) and (q.is_file() or detect(q))]
             if not steps:  # a folder of named checkpoints (best_model.pt, last_model.pt)
                 steps = [q for q in p.iterdir() if q.is_file() and q.suffix in (".pt", ".pth", ".ckpt")]
             if not steps:
@@ -134,7 +117,7 @@ def discover(specs: list[str]) -> list[CheckpointRef]:
             paths = [Path(q) for q in sorted(glob.glob(spec)) if Path(q).is_file()]
             if not paths:
                 raise ReportgenError(f"{spec}: the pattern matches no checkpoint file")
-        elif (ref := kinds.resolve(spec)) is not None:  # e.g. a model id in the local Hugging Face cache
+        elif resolve is not None and (ref := resolve(spec)) is not None:  # e.g. a model id in the local Hugging Face cache
             paths = [ref]
         else:
             raise ReportgenError(f"{p}: checkpoint not found")

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from . import __version__
+from ._version import __version__
 
 
 def _split_list(ctx, param, value):
@@ -169,41 +169,44 @@ def build(timings, debug, eval_, no_index, **kw):
         sys.exit(130)
 
 
-# BuildOptions fields that are not `reportgen build` flags (set by the build itself)
-_INTERNAL = {"write_index"}
-
-
-def command_line(opts, ckpts: list[str], **overrides) -> list[str]:
-    """The `reportgen build` command line (argv) that builds `ckpts` with the options `opts` holds, with
-    `overrides` (BuildOptions fields) applied: what --jobs children and submitit jobs run. Made from the
-    command's own options, so a new option is passed on without being listed here."""
+@main.command("list")
+def list_():
+    """The installed model kinds and analyses, and what each needs."""
     import dataclasses
 
-    values = {**dataclasses.asdict(opts), **overrides}
-    values["ckpts"] = list(ckpts)
-    args = [sys.executable, "-m", "reportgen", "build"]
-    names = {"eval_": "eval"}
-    for p in build.params:
-        if not isinstance(p, click.Option) or p.name in ("timings", "debug", "no_index"):
-            continue
-        field = names.get(p.name, p.name)
-        if field not in values:
-            continue
-        v = values[field]
-        flag = max(p.opts, key=len)
-        if p.is_flag:
-            if v:
-                args.append(flag)
-        elif p.multiple:
-            for item in v or []:
-                args += [flag, str(item)]
-        elif v is None:
-            continue
-        elif isinstance(v, (list, tuple)):
-            if v:
-                args += [flag, ",".join(map(str, v))]
-        else:
-            args += [flag, str(v)]
-    if not values.get("write_index", True):
-        args.append("--no-index")
-    return args
+    from .errors import ReportgenError
+
+    try:
+        import analyses
+
+        from . import kinds
+
+        click.echo("Model kinds (--ckpt is detected as the first that claims it; adapter only with --adapter):")
+        for name, mod in kinds.registry().items():
+            opts = ", ".join(f.name for f in dataclasses.fields(mod.Options))
+            click.echo(f"  {name:<10} {mod.DESCRIPTION} [{mod.__name__}]")
+            click.echo(f"  {'':<10} analyses for: {mod.SUBJECT}; options: {opts}")
+        click.echo("\nAnalyses (--only NAME, --param NAME.KEY=VALUE):")
+        for name, mod in analyses.REGISTRY.items():
+            params = mod.Params()
+            if hasattr(mod, "needs"):
+                need = "; ".join(f"{k} {v}" if v else k for k, v in _describe_needs(mod.needs(params)).items())
+            else:
+                need = "the probe's trace" + (" and the evaluation set" if getattr(mod, "USES_EVAL", False) else "")
+            click.echo(f"  {name:<16} {mod.TITLE} (for {', '.join(mod.SUBJECTS)}) [{mod.__name__}]")
+            click.echo(f"  {'':<16} needs: {need}")
+            click.echo(f"  {'':<16} params: {', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(params).items())}")
+    except ReportgenError as e:
+        click.echo(f"reportgen: error: {e}", err=True)
+        sys.exit(2)
+
+
+def _describe_needs(needs: dict) -> dict:
+    """Needs as short text (callables, e.g. the vectors a need runs from a layer, by name)."""
+    out = {}
+    for k, v in needs.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={getattr(b, '__name__', b)!s}" for a, b in v.items() if not callable(b) or True)
+        out[k] = v
+    return out
+

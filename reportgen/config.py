@@ -61,6 +61,39 @@ class BuildOptions:
     templates: str | None = None  # a folder of templates overriding the shipped ones
 
 
+# BuildOptions field -> its `reportgen build` flag where the two names differ
+_FLAGS = {"ckpts": "--ckpt", "formats": "--format", "params": "--param", "quiet": "--quiet"}
+_MULTIPLE = ("ckpts", "params")  # repeated flags; other lists are comma-separated
+
+
+def command_line(opts: BuildOptions, ckpts: list[str], **overrides) -> list[str]:
+    """The `reportgen build` argv that builds `ckpts` with the options `opts` holds and `overrides` applied:
+    what --jobs processes and submitit jobs run. Every field is passed by its flag (--field-name), so a new
+    option is passed on without being listed here (tests/test_build.py parses it back)."""
+    import sys
+
+    values = {**dataclasses.asdict(opts), **overrides, "ckpts": list(ckpts)}
+    args = [sys.executable, "-m", "reportgen", "build"]
+    for f in dataclasses.fields(BuildOptions):
+        v = values[f.name]
+        if f.name == "write_index":
+            args += [] if v else ["--no-index"]
+            continue
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        if isinstance(v, bool):
+            args += [flag] if v else []
+        elif v is None:
+            continue
+        elif f.name in _MULTIPLE:
+            for item in v:
+                args += [flag, str(item)]
+        elif isinstance(v, (list, tuple)):
+            args += [flag, ",".join(map(str, v))] if v else []
+        else:
+            args += [flag, str(v)]
+    return args
+
+
 def validate(opts: BuildOptions):
     import analyses
 

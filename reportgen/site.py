@@ -120,24 +120,22 @@ def collect_reports(out: Path) -> list[dict]:
     return sorted(reports, key=lambda r: (r["run"], r["step"] if r["step"] is not None else -1, r["name"]))
 
 
-# headline metrics in the order and wording of the index page and summary.md
-METRIC_LABELS = {
-    "blank_accuracy": ("blank-cell acc.", "pct"),
-    "exact_solve_rate": ("exact solve", "pct"),
-    "mean_steps_to_first_correct": ("steps to solve", "num"),
-    "halt_precision": ("halt precision", "pct"),
-    "halt_recall": ("halt recall", "pct"),
-    "loss": ("loss (nats)", "num"),
-    "masked_accuracy": ("masked acc.", "pct"),
-    "next_token_accuracy": ("next-token acc.", "pct"),
-    "attention_entropy": ("attn. entropy", "num"),
-    "sae_l0": ("SAE L0", "num"),
-    "sae_explained_variance": ("SAE expl. var.", "pct"),
-}
+def metric_labels() -> dict:
+    """Headline metric -> (label, "pct" | "num") in the order of the index page and summary.md: those the kinds
+    and the analyses declare (their METRICS), kinds first."""
+    import analyses
+
+    from . import kinds
+
+    labels: dict = {}
+    for mod in [*kinds.registry().values(), *analyses.REGISTRY.values()]:
+        for k, v in getattr(mod, "METRICS", {}).items():
+            labels.setdefault(k, tuple(v))
+    return labels
 
 
 def metric_keys(runs: dict[str, list[dict]]) -> list[str]:
-    return [k for k in METRIC_LABELS if any(k in r["metrics"] for rs in runs.values() for r in rs)]
+    return [k for k in metric_labels() if any(k in r["metrics"] for rs in runs.values() for r in rs)]
 
 
 def summary_markdown(runs: dict[str, list[dict]]) -> str:
@@ -148,10 +146,10 @@ def summary_markdown(runs: dict[str, list[dict]]) -> str:
     parts = ["Each metric: value [95% interval] (n), Wilson for proportions, bootstrap for means.\n"]
     for run, reports in runs.items():
         keys = metric_keys({run: reports})
-        lines = [f"### {run}", "", "| checkpoint | " + " | ".join(METRIC_LABELS[k][0] for k in keys) + " |",
+        lines = [f"### {run}", "", "| checkpoint | " + " | ".join(metric_labels()[k][0] for k in keys) + " |",
                  "| --- | " + " | ".join("---:" for _ in keys) + " |"]
         for r in reports:
-            cells = [fmt(r["metrics"].get(k), METRIC_LABELS[k][1]) for k in keys]  # value [95% interval] (n=…)
+            cells = [fmt(r["metrics"].get(k), metric_labels()[k][1]) for k in keys]  # value [95% interval] (n=…)
             lines.append(f"| [{r['name']}]({r['path']}index.html) | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
@@ -180,7 +178,7 @@ def trend_figure(reports: list[dict]):
     colours = {"blank_accuracy": ACCENT, "exact_solve_rate": GOOD, "halt_precision": MUTED, "halt_recall": BAD}
     for k, colour in colours.items():
         _plot_metric(a, steps, pts, k, marker="o", ms=3, color=colour,
-                     ls="-" if k in ("blank_accuracy", "exact_solve_rate") else ":", label=METRIC_LABELS[k][0])
+                     ls="-" if k in ("blank_accuracy", "exact_solve_rate") else ":", label=metric_labels()[k][0])
     a.set(xlabel="training step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy and halting")
     a.legend(loc="best")
     _plot_metric(b, steps, pts, "mean_steps_to_first_correct", marker="s", ms=3, color=ACCENT)
@@ -239,7 +237,7 @@ def write_run_overview(out: Path, run: str, reports: list[dict], version: str, p
              "files": r["files"]} for r in reports]
     write_atomic(folder / "data" / "overview.json", json.dumps({"run": run, "reports": rows}, indent=1, sort_keys=True) + "\n")
     runs = {run: reports}
-    ctx = dict(run=run, rows=rows, figures=figs, version=version, columns=[(k, *METRIC_LABELS[k]) for k in metric_keys(runs)])
+    ctx = dict(run=run, rows=rows, figures=figs, version=version, columns=[(k, *metric_labels()[k]) for k in metric_keys(runs)])
     write_atomic(folder / "index.html", render("run.html", src={f.stem: f.files["svg"] for f in figs}, links=True,
                                                has_pdf=pdf, **ctx))
     if pdf:
@@ -273,7 +271,7 @@ def write_site(out: Path, version: str, changed_runs: set[str] | None = None, pd
     runs: dict[str, list[dict]] = {}
     for r in reports:
         runs.setdefault(r["run"], []).append(r)
-    columns = {run: [(k, *METRIC_LABELS[k]) for k in metric_keys({run: rs})] for run, rs in runs.items()}  # per run
+    columns = {run: [(k, *metric_labels()[k]) for k in metric_keys({run: rs})] for run, rs in runs.items()}  # per run
     write_atomic(out / "index.html", render("index.html", runs=runs, version=version, n_reports=len(reports),
                                                 columns=columns))
     for run, rs in runs.items():
@@ -294,7 +292,7 @@ def _lm_trend_figure(pts: list[dict], steps: list[int]):
     for side, keys in ((a, {"masked_accuracy": ACCENT, "next_token_accuracy": ACCENT, "sae_explained_variance": GOOD}),
                        (b, {"loss": BAD, "attention_entropy": MUTED})):
         for k, colour in keys.items():
-            _plot_metric(side, steps, pts, k, marker="o", ms=3, color=colour, label=METRIC_LABELS[k][0])
+            _plot_metric(side, steps, pts, k, marker="o", ms=3, color=colour, label=metric_labels()[k][0])
         if side.get_legend_handles_labels()[0]:
             side.legend(loc="best")
     a.set(xlabel="training step", ylabel="fraction", ylim=(-0.02, 1.02), title="(a) accuracy, SAE fit")

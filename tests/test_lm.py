@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import EVAL_TEXT, make_lm, save_restoration
-from reportgen.checkpoints import discover, sniff_kind
+from reportgen.checkpoints import discover
+from reportgen.kinds import sniff_kind
 from reportgen.errors import ReportgenError
 from reportgen.data.tokens import load_tokens, load_vocab, mask_tokens
 from reportgen.models.lm import read_checkpoint
@@ -136,8 +137,9 @@ def _trace_from_pattern(pattern, vocab=None):
     L, H, T, _ = pattern.shape
     e = -(pattern * np.log(np.clip(pattern, 1e-30, None))).sum(-1)
     return SimpleNamespace(
-        attention={"sample": 0, "pattern": pattern, "mean": e.mean(-1), "std": e.std(-1), "min": e.min(-1),
-                   "max": e.max(-1), "rows": T, "per_sequence": e.mean(-1)[None], "seq_len": T},
+        activations={"attn.hook_pattern": {"sample": 0, "pattern": pattern, "mean": e.mean(-1), "std": e.std(-1),
+                                           "min": e.min(-1), "max": e.max(-1), "rows": T,
+                                           "per_sequence": e.mean(-1)[None], "seq_len": T}},
         inputs=np.zeros((1, T), dtype=np.int64), vocab=vocab or [chr(65 + i) for i in range(26)], n_layers=L,
         n_heads=H, causal=False)
 
@@ -167,12 +169,12 @@ def test_probe_entropy_matches_pattern_and_loss_is_cross_entropy():
                         vocab_source="", byte_level=True, mask_id=257, pad_id=256)
     tokens = np.random.default_rng(0).integers(0, 256, (5, 24))
     inputs, scored = mask_tokens(tokens, 0.2, 257, 0)
-    tr = probe_lm(subject, tokens, inputs, scored, {"attention": {"sample": 2}, "predictions": {"top_k": 3}}, "cpu", max_batch=2)
+    tr = probe_lm(subject, tokens, inputs, scored, {"activations": {"attn.hook_pattern": {"sample": 2}}, "logits": {"top_k": 3}}, "cpu", max_batch=2)
     _, cache = model.run_with_cache(torch.as_tensor(inputs))
     p = cache["blocks.1.attn.hook_pattern"]
     e = -(p * p.clamp_min(1e-30).log()).sum(-1)  # [B,H,q]
-    assert np.allclose(tr.attention["mean"][1], e.mean((0, 2)).numpy(), atol=1e-5)
-    assert np.allclose(tr.attention["pattern"][1], p[2].numpy(), atol=1e-6)
+    assert np.allclose(tr.activations["attn.hook_pattern"]["mean"][1], e.mean((0, 2)).numpy(), atol=1e-5)
+    assert np.allclose(tr.activations["attn.hook_pattern"]["pattern"][1], p[2].numpy(), atol=1e-6)
     logits = model(torch.as_tensor(inputs))
     ce = torch.nn.functional.cross_entropy(logits[torch.as_tensor(scored)], torch.as_tensor(tokens)[torch.as_tensor(scored)])
     assert abs(tr.metrics["loss"] - ce.item()) < 1e-4
@@ -340,7 +342,7 @@ def test_sae_pass_that_stops_after_the_hook_layer_gives_the_same_features():
     inputs, scored = mask_tokens(tokens, 0.2, 257, 0)
     need = {"sae": {"loss_seqs": 3, "variance_seqs": 5}}
     a = probe_lm(subject, tokens, inputs, scored, need, "cpu", max_batch=4, sae=sae)
-    b = probe_lm(subject, tokens, inputs, scored, {**need, "predictions": {"top_k": 2}}, "cpu", max_batch=4, sae=sae)
+    b = probe_lm(subject, tokens, inputs, scored, {**need, "logits": {"top_k": 2}}, "cpu", max_batch=4, sae=sae)
     assert "loss" not in a.metrics and "loss" in b.metrics
     for key in ("rows", "cols"):
         assert (a.sae[key] == b.sae[key]).all()

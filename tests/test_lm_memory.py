@@ -15,12 +15,13 @@ from conftest import EVAL_TEXT, make_lm, save_restoration
 from reportgen.errors import ReportgenError
 from reportgen.models.lm import LMSubject
 from reportgen.data.tokens import mask_tokens
+from analyses import token_map
 from reportgen.probes.lm import backward_bytes, batch_size, forward_bytes, probe_lm
 from reportgen.models.restoration import to_hooked
 
-NEEDS = {"attention": {"sample": 3, "positions": 6}, "predictions": {"top_k": 3}, "gradients": {"batch": 5},
-         "token_map": {"grid_size": 5, "spacing": 1.0, "center": [0.0, 0.0], "method": "direct", "layer": 1,
-                       "batch_size": 25}}
+NEEDS = {"activations": {"attn.hook_pattern": {"sample": 3, "window": 6}}, "logits": {"top_k": 3}, "gradients": {"batch": 5},
+         **{k: {**v, "layer": 1} for k, v in token_map.needs(token_map.Params(grid_size=5, spacing=1.0, method="direct",
+                                                                              batch_size=25)).items()}}
 
 
 def _subject(causal: bool = False):
@@ -45,14 +46,14 @@ def test_many_small_batches_give_the_results_of_one_big_batch(causal):
     assert small.metrics["hits"] == big.metrics["hits"]
     assert np.allclose(small.token_loss, big.token_loss, atol=1e-5)
     for key in ("mean", "std", "min", "max", "per_sequence", "pattern"):
-        assert np.allclose(small.attention[key], big.attention[key], atol=1e-5), key
-    assert small.attention["pattern"].shape == (2, 4, 6, 6)  # only the shown window is kept
+        assert np.allclose(small.activations["attn.hook_pattern"][key], big.activations["attn.hook_pattern"][key], atol=1e-5), key
+    assert small.activations["attn.hook_pattern"]["pattern"].shape == (2, 4, 6, 6)  # only the shown window is kept
     assert np.array_equal(small.arrays["top_ids"], big.arrays["top_ids"])
     assert np.allclose(small.arrays["top_probs"], big.arrays["top_probs"], atol=1e-6)
     g_small, g_big = dict(small.gradients), dict(big.gradients)  # micro-batches of 1 add up to the whole batch
     assert max(abs(g_small[k] - g_big[k]) / max(g_big[k], 1e-8) for k in g_big) < 1e-4
-    assert np.array_equal(small.token_map["ids"], big.token_map["ids"])
-    assert np.allclose(small.token_map["probs"], big.token_map["probs"], atol=1e-6)
+    assert np.array_equal(small.run_from["ids"], big.run_from["ids"])
+    assert np.allclose(small.run_from["probs"], big.run_from["probs"], atol=1e-6)
 
 
 def test_batch_size_shrinks_with_sequence_length_and_heads_under_a_fixed_budget():
@@ -76,7 +77,7 @@ def test_batch_size_shrinks_with_sequence_length_and_heads_under_a_fixed_budget(
     tokens = np.random.default_rng(0).integers(0, 256, (8, 16))
     inputs, scored = mask_tokens(tokens, 0.3, 257, 0)
     per_seq = forward_bytes(subject.model.cfg, 16)
-    tr = probe_lm(subject, tokens, inputs, scored, {"predictions": {"top_k": 2}}, "cpu", budget=3 * per_seq)
+    tr = probe_lm(subject, tokens, inputs, scored, {"logits": {"top_k": 2}}, "cpu", budget=3 * per_seq)
     assert tr.metrics["batch_size"] == 3
 
 
@@ -84,14 +85,14 @@ def test_loss_runs_over_eval_sequences_and_activations_over_the_first_max_seqs()
     subject = _subject()
     tokens = np.random.default_rng(2).integers(0, 256, (10, 12))
     inputs, scored = mask_tokens(tokens, 0.3, 257, 0)
-    need = {"attention": {"sample": 0}, "predictions": {"top_k": 2}}
+    need = {"activations": {"attn.hook_pattern": {"sample": 0}}, "logits": {"top_k": 2}}
     tr = probe_lm(subject, tokens, inputs, scored, need, "cpu", budget=1, n_eval=10, n_act=4)
     assert tr.metrics["n_scored"] == int(scored.sum()) and tr.metrics["n_seqs"] == 10
-    assert tr.attention["rows"] == 4 * 12 and tr.attention["per_sequence"].shape == (4, 2, 4)
+    assert tr.activations["attn.hook_pattern"]["rows"] == 4 * 12 and tr.activations["attn.hook_pattern"]["per_sequence"].shape == (4, 2, 4)
     first4 = probe_lm(subject, tokens[:4], inputs[:4], scored[:4], need, "cpu", budget=1)
-    assert np.allclose(tr.attention["mean"], first4.attention["mean"], atol=1e-6)
+    assert np.allclose(tr.activations["attn.hook_pattern"]["mean"], first4.activations["attn.hook_pattern"]["mean"], atol=1e-6)
     tr = probe_lm(subject, tokens, inputs, scored, need, "cpu", budget=1, n_eval=3, n_act=10)
-    assert tr.metrics["n_scored"] == int(scored[:3].sum()) and tr.attention["rows"] == 10 * 12
+    assert tr.metrics["n_scored"] == int(scored[:3].sum()) and tr.activations["attn.hook_pattern"]["rows"] == 10 * 12
 
 
 def test_lm_metrics_carry_n_and_interval():
@@ -109,7 +110,7 @@ def test_lm_metrics_carry_n_and_interval():
     assert abs(acc["value"] - tr.metrics["hits"] / tr.metrics["n_scored"]) < 1e-12
     ent = A.metrics(A.compute(tr, A.Params()))["attention_entropy"]
     assert ent["n"] == 6 and ent["lo"] <= ent["value"] <= ent["hi"]
-    assert abs(ent["value"] - float(tr.attention["mean"].mean())) < 1e-5
+    assert abs(ent["value"] - float(tr.activations["attn.hook_pattern"]["mean"].mean())) < 1e-5
 
 
 def _cli(*args):

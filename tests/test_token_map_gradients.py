@@ -25,10 +25,11 @@ def map_trace(ids, probs, spacing=1.0, center=(0.0, 0.0), layer=1, method="direc
     axis = (np.arange(G) - (G - 1) / 2) * spacing
     xs, ys = np.meshgrid(center[0] + axis, center[1] - axis)  # as the probe lays it out: row 0 on top
     coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
-    spec = {"grid_size": G, "spacing": spacing, "center": list(center), "layer": layer, "method": method, "seed": 3,
-            "batch_size": 4}
+    spec = {"grid_size": G, "spacing": spacing, "center": list(center), "method": method, "seed": 3}
+    assert np.array_equal(coords, token_map.grid_coords(spec))  # the analysis lays the grid out the same way
     return SimpleNamespace(vocab=vocab, n_layers=n_layers,
-                           token_map={"coords": coords, "ids": ids, "probs": np.asarray(probs, np.float32), "spec": spec})
+                           run_from={"ids": ids.ravel(), "probs": np.asarray(probs, np.float32).ravel(), "layer": layer,
+                                     "batch_size": 4, "vectors": spec})
 
 
 # 3×3: "a" wins 4 cells, "b" 3, " " 1, "\n" 1
@@ -175,9 +176,11 @@ def test_token_map_params_are_validated():
             token_map.Params(**bad)
     with pytest.raises(ValueError, match="method"):
         token_map.Params(method="pca")
-    assert token_map.needs(token_map.Params(grid_size=7, center=[1, 2], method="direct")) == {"token_map": {
-        "grid_size": 7, "spacing": 0.5, "center": [1.0, 2.0], "layer": -1, "method": "direct", "seed": 0,
-        "batch_size": 100}}
+    need = token_map.needs(token_map.Params(grid_size=7, center=[1, 2], method="direct"))["run_from_layer"]
+    assert (need["layer"], need["count"], need["batch_size"]) == (-1, 49, 100)
+    assert need["vectors"].spec == {"grid_size": 7, "spacing": 0.5, "center": [1.0, 2.0], "method": "direct", "seed": 0}
+    v = need["vectors"](slice(0, 49), 6)  # direct: x, y in the first two dimensions, row 0 at the top
+    assert v.shape == (49, 6) and v[0, :2].tolist() == [1.0 - 1.5, 2.0 + 1.5] and not v[:, 2:].any()
     assert token_map.resolve_layer(-1, 4) == 3 and token_map.resolve_layer(4, 4) == 4
     with pytest.raises(ValueError):
         token_map.resolve_layer(5, 4)

@@ -122,3 +122,26 @@ def options(mod, opts):
     import dataclasses
 
     return mod.Options(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(mod.Options) if hasattr(opts, f.name)})
+
+
+def sniff_kind(path: Path) -> str:
+    """The name of the kind that claims `path`, or 'unknown'."""
+    mod = detect(Path(path))
+    return mod.NAME if mod is not None else "unknown"
+
+
+def unknown_checkpoint(path: Path) -> ReportgenError:
+    """The error for a checkpoint of no kind reportgen knows (one that cannot be read says that instead)."""
+    from ..checkpoints import _torch_load
+
+    if path.is_file():
+        _torch_load(path)  # an unreadable file says why
+    return ReportgenError(f"{path}: not a checkpoint reportgen knows ({known_text()}); for your own model, "
+                          f"pass --adapter FILE.py")
+
+
+def discover(specs: list[str]) -> list:
+    """checkpoints.discover, with the folders and model ids the kinds claim."""
+    from ..checkpoints import discover as _discover
+
+    return _discover(specs, detect=lambda p: detect(p) is not None, resolve=resolve)

@@ -13,6 +13,7 @@ from ..errors import ReportgenError, first_line
 NAME = "lm"
 DESCRIPTION = "seed-004 RestorationModel, TransformerLens"
 SUBJECT = "lm"
+METRICS = {"loss": ("loss (nats)", "num")}  # the kind's own headline metric (the analyses name theirs)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def gather_lm(job, opts, params: dict, gc, load):
     from . import Gathered
     from ..data.tokens import MASK_NAMES, load_tokens, mask_tokens
     from ..config import eval_count, memory_budget
-    from ..probes.lm import check_token_map_memory, merge_needs, probe_lm
+    from ..probes.lm import check_run_from_memory, merge_needs, probe_lm
     from ..text import uncovered_note
 
     ref = job.ref
@@ -208,11 +209,20 @@ def gather_lm(job, opts, params: dict, gc, load):
                 raise ReportgenError(f"--mask-rate {opts.mask_rate}: no position was masked in {tokens.size} tokens")
     selected = [m for m in analyses.for_subject("lm") if not opts.only or m.NAME in opts.only]
     sae, sae_info = None, None
-    want_sae = any(m.NAME == "sae_features" for m in selected) and (opts.sae or opts.train_sae is not None)
-    if not (opts.sae or opts.train_sae is not None):
-        if opts.only and "sae_features" in opts.only:
-            raise ReportgenError("--only sae_features needs an SAE: pass --sae DIR or --train-sae LAYER")
-        selected = [m for m in selected if m.NAME != "sae_features"]
+    have_sae = bool(opts.sae or opts.train_sae is not None)
+    for m in [m for m in selected if "sae" in m.needs(params[m.NAME])]:
+        if not have_sae:  # an analysis of an SAE runs only when there is one
+            if opts.only and m.NAME in opts.only:
+                raise ReportgenError(f"--only {m.NAME} needs an SAE: pass --sae DIR or --train-sae LAYER")
+            selected.remove(m)
+    want_sae = have_sae and any("sae" in m.needs(params[m.NAME]) for m in selected)
+    supports = getattr(subject, "supports", None)  # a subject that cannot meet every need (e.g. an adapter)
+    if supports is not None:
+        for m in list(selected):
+            unmet = [k for k in m.needs(params[m.NAME]) if not supports(k)]
+            if unmet:
+                selected.remove(m)
+                subject.notes.append(f"{m.TITLE} is left out: this model does not provide {', '.join(unmet)}.")
     sae_dir = None
     if want_sae:
         from ..sae import load_sae, temp_folder, train_sae
@@ -228,12 +238,16 @@ def gather_lm(job, opts, params: dict, gc, load):
                 sae, sae_info = train_sae(model, inputs, opts.train_sae, sae_dir, device, arch=opts.sae_arch,
                                           training_tokens=opts.sae_tokens, seed=opts.seed, label=ref.run)
             sae_info["folder"] = "sae/"
-    needs = merge_needs([m.needs(params[m.NAME]) for m in selected])
-    if "token_map" in needs:
-        tm = dict(needs["token_map"])
-        tm["layer"] = resolve_layer(int(tm["layer"]), cfg.n_layers, "token_map")
-        check_token_map_memory(tm, cfg, budget)
-        needs["token_map"] = tm
+    asked = []
+    for m in selected:  # each analysis' needs, with layers resolved against this model
+        need = m.needs(params[m.NAME])
+        if "run_from_layer" in need:
+            rf = dict(need["run_from_layer"])
+            rf["layer"] = resolve_layer(int(rf["layer"]), cfg.n_layers, m.NAME)
+            check_run_from_memory(rf, cfg, budget, m.NAME)
+            need = {**need, "run_from_layer": rf}
+        asked.append(need)
+    needs = merge_needs(asked)
     log(f"  probing {tokens.shape[0]} sequences × {tokens.shape[1]} tokens on {device} (loss over {n_eval}"
         + (f", capped at {cap}: --eval N for more" if capped else "") + f"; activations over {n_act})"
         + (f" with the SAE at {sae_info['hook']}" if sae_info else ""))
@@ -284,7 +298,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
         "compute": {"device": device, "dtype": s.dtype},
         "analyses": [x["name"] for x in prepared["sections"]],
         "metrics": {**({"loss": bootstrap_mean(tr.token_loss)} if tr.token_loss is not None else {}), **prepared["metrics"]},
-        "versions": {"reportgen": __import__("reportgen").__version__, "torch": torch.__version__.split("+")[0],
+        "versions": {"reportgen": __import__("reportgen._version", fromlist=["_"]).__version__, "torch": torch.__version__.split("+")[0],
                      "transformer_lens": _version("transformer-lens"),
                      **({"sae_lens": _version("sae-lens")} if prepared["sae_info"] else {})},
     }

@@ -1,7 +1,18 @@
 """The language-model probe: one activation pass over the evaluation tokens, shared by every analysis.
 
-Analyses declare what they need (`needs(params)` → dict); the probe merges those needs and runs the
-model once over the tokens in batches, with hooks that reduce each hooked activation on the fly
+Analyses declare what they need (`needs(params)` → dict) in generic terms the probe knows — it knows no
+analysis by name:
+
+- `logits: {top_k}`: the top-k predictions at every position of the drawn sequences (the loss and accuracy
+  over the evaluation sequences are always computed);
+- `activations: {hook point: {reduce, ...}}`: an activation at a hook point of every block, reduced on the fly
+  (`attn.hook_pattern` with `reduce: entropy`, keeping the `window` × `window` pattern of sequence `sample`);
+- `gradients: {batch}`: the gradient of the mean loss over the first `batch` sequences, per parameter;
+- `run_from_layer: {layer, count, vectors, batch_size}`: `count` vectors made by `vectors(rows, d_model)`
+  entering the residual stream before block `layer`, read out as their top-1 token and its probability;
+- `sae: {loss_seqs, variance_seqs}`: the SAE's codes, reconstruction and spliced-in loss.
+
+The probe merges the needs and runs the model once over the tokens in batches, with hooks that reduce each hooked activation on the fly
 (attention entropy, SAE codes), so memory stays bounded. Only what cannot come from that pass runs
 apart: the gradient of one batch's loss, token-map grid vectors (they are not text), and the loss
 with the SAE spliced in (the clean pass must not be altered), on a subsample of sequences.
@@ -44,16 +55,18 @@ class LMTrace:
     metrics: dict = field(default_factory=dict)  # loss, accuracy, n_scored, n_seqs (evaluation), n_act, ...
     arrays: dict = field(default_factory=dict)  # top_ids, top_probs, ... (saved to data/trace.npz)
     token_loss: np.ndarray | None = None  # [n_scored] float32 cross-entropy of every scored evaluation token
-    attention: dict | None = None
-    gradients: list | None = None  # (parameter name, grad norm)
-    token_map: dict | None = None
-    sae: dict | None = None
+    activations: dict = field(default_factory=dict)  # hook point -> its reduced statistics ("activations" needs)
+    gradients: list | None = None  # (parameter name, grad norm)  ("gradients" need)
+    run_from: dict | None = None  # top-1 readout of vectors run from a layer ("run_from_layer" need)
+    sae: dict | None = None  # codes, reconstruction and spliced-in loss of an SAE ("sae" need)
 
     def save(self, path) -> None:
         np.savez_compressed(path, tokens=self.tokens.astype(np.int32), inputs=self.inputs.astype(np.int32),
                             scored=self.scored, targets=self.targets.astype(np.int32),
                             **{k: v for k, v in self.arrays.items()})
 
+
+PATTERN = "attn.hook_pattern"  # the attention pattern hook of every block
 
 TRACE_ARRAYS = {
     "tokens": "[N,T] int32 evaluation tokens",
@@ -150,11 +163,13 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
         targets = tokens
     trace = LMTrace(tokens=tokens, inputs=inputs, scored=scored, targets=targets, vocab=subject.vocab,
                     causal=subject.causal, mask_id=subject.mask_id, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
-    k = int(needs.get("predictions", {}).get("top_k", 5))
+    k = int(needs.get("logits", {}).get("top_k", 5))
     S = min(samples, n_act)
-    att = needs.get("attention")
+    att = needs.get("activations", {}).get(PATTERN)
+    if att is not None and att.get("reduce", "entropy") != "entropy":
+        raise ValueError(f"activations: {PATTERN} has only the entropy reducer, not {att['reduce']!r}")
     sample = min(int(att.get("sample", 0)), n_act - 1) if att else 0
-    shown = min(int(att.get("positions", T)), T) if att else 0  # pattern window kept for the heatmaps
+    shown = min(int(att.get("window", T)), T) if att else 0  # pattern window kept for the heatmaps
     L, H = cfg.n_layers, cfg.n_heads
     ent = {"sum": torch.zeros(L, H, dtype=torch.float64), "sumsq": torch.zeros(L, H, dtype=torch.float64),
            "min": torch.full((L, H), float("inf")), "max": torch.full((L, H), float("-inf"))}
@@ -203,12 +218,12 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
 
     hooks = []
     if att:
-        hooks += [(f"blocks.{i}.attn.hook_pattern", on_pattern) for i in range(L)]
+        hooks += [(f"blocks.{i}.{PATTERN}", on_pattern) for i in range(L)]
     if want_sae:
         hooks.append((hook, on_sae))
     # Logits over every sequence only when an analysis reads them; an SAE alone stops after its hook layer
     # (the sequences of its clean / spliced loss still run whole).
-    full = bool(att) or "predictions" in needs or not want_sae or layer_of(hook) is None
+    full = bool(att) or "logits" in needs or not want_sae or layer_of(hook) is None
     stop = None if full else layer_of(hook) + 1
     d_sae = int(sae.cfg.d_sae) if want_sae else 0
     end = max(n_eval, n_act) if full else n_act
@@ -258,7 +273,7 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
         n = max(n_act * T, 1)
         mean = ent["sum"] / n
         std = (ent["sumsq"] / n - mean ** 2).clamp_min(0).sqrt()
-        trace.attention = {"sample": sample, "pattern": pattern.numpy(), "mean": mean.float().numpy(),
+        trace.activations[PATTERN] = {"sample": sample, "pattern": pattern.numpy(), "mean": mean.float().numpy(),
                            "std": std.float().numpy(), "min": ent["min"].numpy(), "max": ent["max"].numpy(),
                            "rows": n_act * T, "per_sequence": seq_ent.astype(np.float32), "seq_len": T}
     if "gradients" in needs:
@@ -268,9 +283,9 @@ def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray
         recompute = per_seq > room  # not even one sequence's saved activations fit: recompute layer by layer
         micro = batch_size(checkpointed_bytes(cfg, T) if recompute else per_seq, room, max_batch)
         trace.gradients = gradient_norms(model, inputs, targets, scored, gb, device, micro, recompute)
-    if "token_map" in needs:
-        spec = needs["token_map"]
-        trace.token_map = token_map(model, spec, device, token_map_batch(spec, cfg, budget))
+    if "run_from_layer" in needs:
+        need = needs["run_from_layer"]
+        trace.run_from = run_from_layer(model, need, device, run_from_batch(need, cfg, budget))
     if want_sae:
         trace.sae = sae_summary(model, sae, hook, n_act * T, torch.cat(sae_rows), torch.cat(sae_cols), torch.cat(sae_vals),
                                 err_sq, x_sum, x_sq, var_seqs * T, kept_acts, inputs[:loss_seqs], targets[:loss_seqs],
@@ -317,52 +332,26 @@ def gradient_norms(model, inputs, targets, scored, batch: int, device: str, micr
     return out
 
 
-def grid_vectors(spec: dict, d_model: int, rows: slice | None = None):
-    """2-D grid coordinates [G*G, 2] (row-major, y from top) and their d_model-dimensional vectors."""
+def run_from_layer(model, need: dict, device: str, batch: int | None = None) -> dict:
+    """Top token and its probability for each of `need["count"]` vectors (made by `need["vectors"](rows,
+    d_model)`) entering the residual stream before block `need["layer"]`, each as a one-token sequence, in
+    batches of `batch` vectors."""
     import torch
 
-    G, s = int(spec["grid_size"]), float(spec["spacing"])
-    cx, cy = (float(c) for c in spec.get("center", (0.0, 0.0)))
-    axis = (np.arange(G) - (G - 1) / 2) * s
-    xs, ys = np.meshgrid(cx + axis, cy - axis)  # row 0 at the top: largest y
-    coords = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
-    if rows is not None:
-        coords = coords[rows]
-    c = torch.from_numpy(coords)
-    method = spec["method"]
-    if method == "direct":
-        v = torch.zeros(len(c), d_model)
-        v[:, :2] = c
-    elif method == "replicated":
-        v = c.repeat(1, (d_model + 1) // 2)[:, :d_model]
-    elif method == "random_projection":
-        g = torch.Generator().manual_seed(int(spec.get("seed", 0)))
-        R = torch.randn(2, d_model, generator=g) / np.sqrt(d_model)  # E|cR|^2 = |c|^2: distances kept on average
-        v = c @ R
-    else:
-        raise ValueError(f"unknown embedding method {method!r}")
-    return coords, v
-
-
-def token_map(model, spec: dict, device: str, batch: int | None = None) -> dict:
-    """Top token and its probability for every grid vector entering the residual stream at `layer`, in
-    batches of `batch` grid points (default: the spec's batch_size)."""
-    import torch
-
-    G, B, layer = int(spec["grid_size"]), int(batch or spec["batch_size"]), int(spec["layer"])
-    n = G * G
+    n, layer = int(need["count"]), int(need["layer"])
+    B = int(batch or need.get("batch_size", 100))
     ids = np.zeros(n, dtype=np.int32)
     probs = np.zeros(n, dtype=np.float32)
     with torch.inference_mode():
         for lo in range(0, n, B):
-            _, v = grid_vectors(spec, model.cfg.d_model, slice(lo, lo + B))
-            resid = v.to(device)[:, None, :]  # [b, 1, D]: each vector is a one-token sequence
+            v = need["vectors"](slice(lo, min(lo + B, n)), model.cfg.d_model)
+            resid = v.to(device=device, dtype=model.W_U.dtype)[:, None, :]  # [b, 1, D]
             logits = model(resid, start_at_layer=layer)[:, 0]
             p = logits.float().softmax(-1).max(-1)
-            ids[lo:lo + B] = p.indices.cpu().numpy()
-            probs[lo:lo + B] = p.values.cpu().numpy()
-    coords, _ = grid_vectors({**spec, "method": "direct"}, 2)
-    return {"coords": coords, "ids": ids.reshape(G, G), "probs": probs.reshape(G, G), "spec": dict(spec)}
+            ids[lo:lo + len(v)] = p.indices.cpu().numpy()
+            probs[lo:lo + len(v)] = p.values.cpu().numpy()
+    return {"ids": ids, "probs": probs, "layer": layer, "batch_size": B,
+            "vectors": dict(getattr(need["vectors"], "spec", {}))}  # how the vectors were made, when they say
 
 
 def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, x_sum, x_sq, var_tokens, kept_acts,
@@ -409,23 +398,23 @@ def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, 
             "logit_neg_ids": neg.indices.numpy(), "logit_neg": -neg.values.numpy()}
 
 
-def token_map_batch(spec: dict, cfg, budget: int) -> int:
-    """Grid points per forward pass: the analysis' batch_size, or fewer when their logits exceed the budget."""
-    return batch_size(forward_bytes(cfg, 1), budget, int(spec["batch_size"]))
+def run_from_batch(need: dict, cfg, budget: int) -> int:
+    """Vectors per forward pass: the need's batch_size, or fewer when their logits exceed the budget."""
+    return batch_size(forward_bytes(cfg, 1), budget, int(need.get("batch_size", 100)))
 
 
-def check_token_map_memory(spec: dict, cfg, budget: int) -> None:
-    """Refuse a grid whose outputs do not fit in the available memory, saying what fits (its batches are
-    sized by the budget, so only the grid's own arrays grow with it)."""
-    G = int(spec["grid_size"])
-    per_cell = 4 + 4 + 8 + 60  # id, prob, coordinates, and its label in the figure
-    need = G * G * per_cell + token_map_batch(spec, cfg, budget) * forward_bytes(cfg, 1)
+def check_run_from_memory(need: dict, cfg, budget: int, what: str) -> None:
+    """Refuse more vectors than the available memory holds the outputs of, saying how many fit (the batches
+    are sized by the budget, so only the per-vector results grow with the count)."""
+    n = int(need["count"])
+    per = int(need.get("bytes_per_vector", 16))  # id, probability and what the analysis keeps of each
+    total = n * per + run_from_batch(need, cfg, budget) * forward_bytes(cfg, 1)
     avail = _available_bytes()
-    if avail and need > avail * 0.5:
-        fit_g = int((avail * 0.5 / per_cell) ** 0.5)
-        raise ReportgenError(
-            f"token_map: a {G}x{G} grid needs about {need / 2**30:.1f} GiB but about "
-            f"{avail / 2**30:.1f} GiB is available; at most grid_size {fit_g} fits")
+    if avail and total > avail * 0.5:
+        fit = int(avail * 0.5 / per)
+        hint = need["fit_hint"](fit) if callable(need.get("fit_hint")) else f"at most {fit:,} vectors fit"
+        raise ReportgenError(f"{what}: {n:,} vectors need about {total / 2**30:.1f} GiB but about "
+                             f"{avail / 2**30:.1f} GiB is available; {hint}")
 
 
 def _available_bytes() -> int | None:
