@@ -27,14 +27,12 @@ class Options:
 
 
 def sniff(path: Path) -> bool:
-    """A TRM checkpoint by its state-dict keys, or a file that is no torch.save archive at all (then loading it
-    says why it cannot be read)."""
+    """A TRM checkpoint, by its state-dict keys (a file no kind claims is refused by kinds.unknown_checkpoint,
+    which says why when it cannot be read at all)."""
     from ..checkpoints import TRM_MARKERS, pickle_head
 
-    if not path.is_file():
-        return False
-    head = pickle_head(path)
-    return head is None or all(m in head for m in TRM_MARKERS)
+    head = pickle_head(path) if path.is_file() else None
+    return head is not None and all(m in head for m in TRM_MARKERS)
 
 
 def check(ref, opts) -> None:
