@@ -29,8 +29,8 @@ def plan(ref, opts: BuildOptions, params: dict, out: Path) -> Job:
     from . import kinds
     from .cache import cache_key
     kind = kinds.get("adapter") if opts.adapter else kinds.detect(ref.path)
-    if kind is None:
-        raise kinds.unknown_checkpoint(ref.path)
+    if kind is None:  # refused when its turn comes, after the reports before it (as an unreadable file is)
+        return Job(ref, kinds.Unclaimed, out / ref.run / ref.name, "", "")
     if hasattr(kind, "check"):
         kind.check(ref, opts)
     files = kind.inputs(ref, opts)

@@ -145,3 +145,14 @@ def discover(specs: list[str]) -> list:
     from ..checkpoints import discover as _discover
 
     return _discover(specs, detect=lambda p: detect(p) is not None, resolve=resolve)
+
+
+class Unclaimed:
+    """The kind of a checkpoint no kind claims: building it raises `unknown_checkpoint` (which says why when
+    the file cannot be read at all)."""
+
+    NAME = "unknown"
+
+    @staticmethod
+    def gather(job, opts, params, gc):
+        raise unknown_checkpoint(job.ref.path)
