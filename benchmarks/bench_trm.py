@@ -10,11 +10,14 @@
 (d) the evaluation pass (what `--eval` runs: all ACT steps, compact per-puzzle arrays, no full trace) on the
     real-size Sudoku att config with random weights on the CPU, at 1 and at 2 threads: puzzles per second and
     per minute (the README quotes it), and what --eval all's CPU cap amounts to at that size.
+(e) the per-cycle capture of the recursion analysis (run_trm with cycles="H" and "L": full latents of the drawn
+    puzzles, per-cycle lens/change reductions of all) against the same pass without it, real-size config, one
+    drawn puzzle among --eval-n: the time ratio, median of --repeat interleaved runs. Target <= 1.1x.
 
 The machine is shared and noisy: each figure is the median of --repeat runs, and thread counts are set
 explicitly (--threads, default 1).
 
-    python benchmarks/bench_trm.py [--ckpt PATH] [--repeat 3] [--threads 1] [--only a,b,c,d]
+    python benchmarks/bench_trm.py [--ckpt PATH] [--repeat 3] [--threads 1] [--only a,b,c,d,e] [--eval-n 4]
 """
 from __future__ import annotations
 
@@ -145,6 +148,31 @@ def bench_probe(repeat: int, threads: int) -> None:
           f"[{flops / 1e9:.0f} GFLOP per probe; median of {repeat}, {threads} thread(s)]")
 
 
+def bench_cycles(repeat: int, threads: int, n: int) -> None:
+    import numpy as np
+    import torch
+
+    from reportgen.probes.trm import run_trm
+
+    torch.set_num_threads(threads)
+    subj, inputs, labels = real_size(n)
+    keep = np.zeros(n, bool)
+    keep[0] = True  # one drawn puzzle keeps the full per-cycle latents; all get the reductions
+    args = (subj, inputs, labels, np.zeros(n, np.int64), np.arange(n), keep, "cpu", n)
+    run_trm(subj, inputs[:1], labels[:1], np.zeros(1, np.int64), np.arange(1), keep[:1], "cpu", 1, cycles="L")  # warm-up
+    times = {None: [], "H": [], "L": []}
+    for _ in range(repeat):  # interleaved, so all see the same machine load
+        for mode in times:
+            t0 = time.perf_counter()
+            run_trm(*args, cycles=mode)
+            times[mode].append(time.perf_counter() - t0)
+    base = statistics.median(times[None])
+    ratios = {m: statistics.median(t / b for t, b in zip(times[m], times[None])) for m in ("H", "L")}
+    print(f"(e) per-cycle capture, real-size Sudoku att config, {n} puzzles (1 drawn) x 16 ACT steps: without "
+          f"{base:.2f} s; cycles=H {ratios['H']:.3f}x, cycles=L {ratios['L']:.3f}x (target <= 1.1x) "
+          f"[ratio per interleaved run, median of {repeat}, {threads} thread(s)]")
+
+
 def bench_figure(repeat: int) -> None:
     import numpy as np
 
@@ -208,7 +236,8 @@ def main():
     ap.add_argument("--ckpt", type=Path, help="checkpoint for (a) [default: the shipped example's last step]")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", default="a,b,c,d", help="which benchmarks to run, e.g. a,c")
+    ap.add_argument("--only", default="a,b,c,d,e", help="which benchmarks to run, e.g. a,c")
+    ap.add_argument("--eval-n", type=int, default=4, help="puzzles of (e)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     sys.path.insert(0, str(ROOT))
@@ -221,6 +250,8 @@ def main():
         bench_figure(max(args.repeat, 5))
     if "d" in which:
         bench_eval(args.repeat)
+    if "e" in which:
+        bench_cycles(args.repeat, args.threads, args.eval_n)
 
 
 if __name__ == "__main__":

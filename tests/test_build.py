@@ -47,9 +47,9 @@ def test_html_has_every_section_figure_and_provenance(site):
     for anchor in ("provenance", "sudoku-latents", "step-evolution", "solving-stats", "configuration", "data", "cite"):
         assert f'id="{anchor}"' in html, anchor
     srcs = re.findall(r'<img src="([^"]+)"', html)
-    assert len(srcs) == 3 + 3 + 4 and all(s.endswith(".svg") and (rep / s).is_file() for s in srcs)
+    assert len(srcs) == 3 + 3 + 4 + 3 and all(s.endswith(".svg") and (rep / s).is_file() for s in srcs)
     numbers = [int(n) for n in re.findall(r"Figure (\d+)\.</span>", html)]
-    assert numbers == list(range(1, 11))
+    assert numbers == list(range(1, 14))
     meta = json.loads((rep / "data/report.json").read_text())
     assert meta["checkpoint"]["sha256"] in html and meta["checkpoint"]["sha256"] == __import__("hashlib").sha256(
         Path(meta["checkpoint"]["path"]).read_bytes()).hexdigest()

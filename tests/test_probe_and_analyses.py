@@ -161,7 +161,8 @@ def test_figures_show_the_exported_data():
 
 
 def test_registry_lists_every_analysis_with_its_contract():
-    assert [m.NAME for m in analyses.for_subject("trm")] == ["sudoku_latents", "step_evolution", "solving_stats"]
+    assert [m.NAME for m in analyses.for_subject("trm")] == ["sudoku_latents", "step_evolution", "solving_stats",
+                                                             "recursion"]
     assert [m.NAME for m in analyses.for_subject("lm")] == ["predictions", "attention", "gradient_flow", "token_map",
                                                             "sae_features"]
     for m in analyses.REGISTRY.values():

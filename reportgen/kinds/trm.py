@@ -123,9 +123,11 @@ def gather(job, opts, params: dict, gc):
                f"steps × {len(rows)} puzzles on {device} ({cfg.forward_dtype}), batches of {batch}")
     if device == "cpu" and cfg.forward_dtype != "float32":
         gc.log(f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
+    # the recursion analysis asks for the latents inside each step (its parameter `cycles`: H or L)
+    cycles = next((params[m.NAME].cycles for m in selected if getattr(m, "NEEDS_CYCLES", False)), None)
     with timer("probe"):
         ev, trace = run_trm(subject, split.inputs[rows], split.labels[rows], split.puzzle_identifiers[rows], rows, keep,
-                            device, batch, progress=gc.make_progress("puzzles"))
+                            device, batch, progress=gc.make_progress("puzzles"), cycles=cycles)
     if n_eval:
         trace.eval = ev.head(n_eval)
         trace.eval.info = {k: v for k, v in evaluation.items() if k != "puzzles"}
@@ -201,14 +203,14 @@ def report_context(meta, subject, sections, trace_arrays, trace) -> dict:
         f"{meta['dataset']['split']} split of {Path(meta['dataset']['path']).name}, "
         f"metrics over {meta['evaluation']['puzzles']} puzzles, figures of {len(meta['dataset']['puzzle_indices'])}}}\n}}"
     )
-    from ..probes.trm import EVAL_ARRAYS
+    from ..probes.trm import CYCLE_EVAL_ARRAYS, EVAL_ARRAYS
 
     shapes = {k: list(v.shape) for k, v in trace.arrays.items()}
     ev_shapes = {k: list(v.shape) for k, v in trace.eval.arrays.items()} if trace.eval is not None else {}
     return {
         "meta": meta, "title": title, "config_rows": config_rows, "run_rows": run_rows, "notes": subject.notes,
-        "sections": sections, "trace_arrays": [(k, shapes.get(k), d) for k, d in trace_arrays.items()],
-        "eval_arrays": [(k, ev_shapes[k], d) for k, d in EVAL_ARRAYS.items()] if ev_shapes else [],
+        "sections": sections, "trace_arrays": [(k, shapes[k], d) for k, d in trace_arrays.items() if k in shapes],
+        "eval_arrays": [(k, ev_shapes[k], d) for k, d in {**EVAL_ARRAYS, **CYCLE_EVAL_ARRAYS}.items() if k in ev_shapes],
         "bibtex": bib, "site_root": "../../", "kind_title": "Tiny Recursive Model report", "config_caption": "as run",
         "trace_note": " of the drawn puzzles (T ACT steps, N puzzles, P prefix positions, D hidden size, V vocabulary; "
                       "token ids as upstream)",

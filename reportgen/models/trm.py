@@ -256,22 +256,30 @@ class TRM(nn.Module):
         return z_H, z_L
 
     # --- one ACT step -----------------------------------------------------------------------
-    def act_step(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor):
+    def act_step(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, on_cycle=None):
         """One ACT step of the inner model (spec §3.3).
 
         z_H, z_L: [B, L, D]; x: input embeddings [B, L, D].
         Returns (z_H, z_L, logits [B, S, V], q_halt [B] float32, q_continue [B] float32).
         Only the last H cycle keeps gradients, as upstream does (irrelevant for inference).
+        `on_cycle(level, z_H, z_L)`, if given, is called after every update, in order: level "L" after each of
+        the L_cycles z_L updates of an H cycle, then "H" after that cycle's z_H update (the last call of a step
+        sees the step's carry).
         """
         cfg, rope = self.cfg, self.rope(x.device)
+        cb = on_cycle or (lambda level, h, l: None)
         with torch.set_grad_enabled(False):
             for _ in range(cfg.H_cycles - 1):
                 for _ in range(cfg.L_cycles):
                     z_L = self.L_level(z_L, z_H + x, rope)
+                    cb("L", z_H, z_L)
                 z_H = self.L_level(z_H, z_L, rope)
+                cb("H", z_H, z_L)
         for _ in range(cfg.L_cycles):
             z_L = self.L_level(z_L, z_H + x, rope)
+            cb("L", z_H, z_L)
         z_H = self.L_level(z_H, z_L, rope)
+        cb("H", z_H, z_L)
         logits = self.lm_head(z_H)[:, cfg.prefix_len:]
         q = self.q_head(z_H[:, 0]).float()
         return z_H, z_L, logits, q[..., 0], q[..., 1]

@@ -29,6 +29,9 @@ TRACE_ARRAYS = {
     "z_L_tokens": "[T,N,81] int32 reverse embedding argmax(z_L·Eᵀ) of the 81 cells, per step",
     "embedding": "[V,D] float32 token embedding table E (for other reverse-embedding methods)",
 }
+from .trm_cycles import CYCLE_EVAL_ARRAYS, CYCLE_TRACE_ARRAYS  # noqa: E402 - the recursion analysis' arrays
+
+TRACE_ARRAYS.update(CYCLE_TRACE_ARRAYS)
 
 
 class _Arrays:
@@ -107,8 +110,16 @@ class EvalSet(_Arrays):
     info: dict = field(default_factory=dict)  # how the puzzles were chosen (split size, cap), for the report
 
     def head(self, n: int) -> "EvalSet":
-        """The first n puzzles ([T,N] arrays are cut on their second axis)."""
-        return EvalSet({k: v[:, :n] if k in PER_STEP else v[:n] for k, v in self.arrays.items()}, dict(self.info))
+        """The first n puzzles ([T,N] arrays are cut on their second axis, [T,C,N] ones on their third)."""
+        from .trm_cycles import PER_CYCLE
+
+        def cut(k, v):
+            if k in PER_CYCLE:
+                return v[:, :, :n]
+            if k in PER_STEP or k in ("violations", "z_H_mean"):
+                return v[:, :n]
+            return v if k == "cycle_update" else v[:n]
+        return EvalSet({k: cut(k, v) for k, v in self.arrays.items()}, dict(self.info))
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, **self.arrays)
@@ -162,18 +173,24 @@ def reverse_embed(z: np.ndarray, E: np.ndarray, method: str = "dot") -> np.ndarr
 
 
 def probe_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers: np.ndarray,
-              puzzle_index: np.ndarray, device: str = "cpu", batch_size: int = 256, progress=None) -> TRMTrace:
+              puzzle_index: np.ndarray, device: str = "cpu", batch_size: int = 256, progress=None,
+              cycles: str | None = None) -> TRMTrace:
     """Run the selected puzzles through every ACT step once and keep the full trace of each."""
     _, trace = run_trm(subject, inputs, labels, puzzle_identifiers, puzzle_index, np.ones(len(inputs), bool), device,
-                       batch_size, progress)
+                       batch_size, progress, cycles)
     return trace
 
 
 def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers: np.ndarray, puzzle_index: np.ndarray,
-            keep: np.ndarray, device: str = "cpu", batch_size: int = 256, progress=None) -> tuple[EvalSet, TRMTrace]:
+            keep: np.ndarray, device: str = "cpu", batch_size: int = 256, progress=None,
+            cycles: str | None = None) -> tuple[EvalSet, TRMTrace]:
     """One pass over the given puzzles, in batches: the compact evaluation arrays (EVAL_ARRAYS) of every
-    puzzle, and the full trace (TRACE_ARRAYS) of the puzzles where `keep` is True, in their order."""
+    puzzle, and the full trace (TRACE_ARRAYS) of the puzzles where `keep` is True, in their order. With
+    `cycles` "H" or "L", also the latents inside each step (probes/trm_cycles.py: CYCLE_TRACE_ARRAYS of the
+    kept puzzles, CYCLE_EVAL_ARRAYS of all)."""
     import torch
+
+    from .trm_cycles import CycleCapture, finish_eval, finish_trace
 
     model = subject.model.to(device)
     cfg = model.cfg
@@ -181,6 +198,7 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
     E = model.embed_tokens.embedding_weight.detach().float().cpu().numpy()  # [V, D]
     full = {k: [] for k in ("preds", "confidence", "logits", "q_halt", "q_continue", "z_H", "z_L", "z_H_tokens", "z_L_tokens")}
     compact = {k: [] for k in EVAL_ARRAYS if k not in ("puzzle_index", "blank", "blanks")}  # per batch
+    cyc_eval, cyc_full, update = [], [], []
     with torch.inference_mode():
         for lo in range(0, N, batch_size):
             hi = min(N, lo + batch_size)
@@ -192,9 +210,14 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
             x = model.input_embeddings(inp, pid)
             z_H, z_L = model.initial_carry(hi - lo, device)
             steps = {k: [] for k in full if k not in ("z_H", "z_L")}
-            preds, confs, q_halts = [], [], []
+            preds, confs, q_halts, means = [], [], [], []
+            cap = CycleCapture(model, cycles, z_H, z_L, lab, blank, kept) if cycles else None
             for t in range(T):
-                z_H, z_L, logits, q_halt, q_cont = model.act_step(z_H, z_L, x)
+                if cap is not None:
+                    cap.begin_step()
+                z_H, z_L, logits, q_halt, q_cont = model.act_step(z_H, z_L, x, cap)
+                if cap is not None:
+                    means.append(z_H[:, P:].float().mean(1))
                 pred = logits.argmax(-1)  # on logits in the compute dtype, as upstream
                 lf = logits.float()
                 conf = lf.softmax(-1).amax(-1)
@@ -213,6 +236,11 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
             for k, v in compact_arrays(torch.stack(preds), torch.stack(confs), torch.stack(q_halts), lab, blank,
                                        *last_tokens).items():
                 compact[k].append(v.cpu())
+            if cap is not None:
+                update = cap.update
+                cyc_eval.append(cap.batch_eval(torch.stack(preds), torch.stack(means)))
+                if len(kept):
+                    cyc_full.append(cap.batch_full())
             if len(kept):
                 for k, v in steps.items():
                     full[k].append(torch.stack(v).cpu())  # [T, kept, ...]
@@ -222,6 +250,8 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
                 progress(hi, N)
     evalset = _evalset({k: torch.cat(v, dim=1 if k in PER_STEP else 0).numpy() for k, v in compact.items()},
                        inputs, puzzle_index)
+    if cyc_eval:
+        evalset.arrays.update(finish_eval(cyc_eval, update))
 
     k = keep.astype(bool)
     if not full["preds"]:
@@ -245,6 +275,8 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
         "z_L_tokens": cat["z_L_tokens"].astype(np.int32),
         "embedding": E,
     }
+    if cyc_full:
+        arrays.update(finish_trace(cyc_full, update))
     return evalset, TRMTrace(arrays=arrays, prefix_len=P)
 
 
