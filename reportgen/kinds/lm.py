@@ -207,6 +207,12 @@ def gather_lm(job, opts, params: dict, gc, load):
             if not scored.any():
                 raise ReportgenError(f"--mask-rate {opts.mask_rate}: no position was masked in {tokens.size} tokens")
     selected = [m for m in analyses.for_subject("lm") if not opts.only or m.NAME in opts.only]
+    for m in list(selected):  # an analysis whose needs this model cannot meet is left out, with a note
+        unmet = [k for k in m.needs(params[m.NAME]) if not subject.supports(k)]
+        if unmet and (m.NAME != "sae_features" or opts.sae or opts.train_sae is not None):
+            subject.notes.append(f"{m.TITLE} is left out: {subject.lacks[unmet[0]]}.")
+        if unmet:
+            selected.remove(m)
     sae, sae_info = None, None
     want_sae = any(m.NAME == "sae_features" for m in selected) and (opts.sae or opts.train_sae is not None)
     if not (opts.sae or opts.train_sae is not None):
