@@ -285,7 +285,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
                     "mask_rate": None if s.causal else opts.mask_rate, "seed": opts.seed},
         "model": {"layers": s.cfg.n_layers, "d_model": s.cfg.d_model, "heads": s.cfg.n_heads, "d_vocab": s.cfg.d_vocab,
                   "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
-                  "mask_id": s.mask_id},
+                  "mask_id": s.mask_id, **s.meta},
         "sae": sae_source(prepared["sae_info"], ref),
         "compute": {"device": device, "dtype": s.dtype},
         "analyses": [x["name"] for x in prepared["sections"]],
