@@ -145,7 +145,7 @@ class AdaptedModel:
     def _logits(self, x):
         if self.a.logits is not None:
             return self.a.logits(x)
-        return self(x, start_at_layer=0)
+        return self(self.embed(x), start_at_layer=0)
 
     def __call__(self, x, start_at_layer: int | None = None, stop_at_layer: int | None = None):
         if start_at_layer is None and stop_at_layer is None:
