@@ -208,6 +208,12 @@ def gather_lm(job, opts, params: dict, gc, load):
             if not scored.any():
                 raise ReportgenError(f"--mask-rate {opts.mask_rate}: no position was masked in {tokens.size} tokens")
     selected = [m for m in analyses.for_subject("lm") if not opts.only or m.NAME in opts.only]
+    for m in list(selected):  # an analysis whose needs this model cannot meet is left out, with a note
+        unmet = [k for k in m.needs(params[m.NAME]) if not subject.supports(k)]
+        if unmet and (m.NAME != "sae_features" or opts.sae or opts.train_sae is not None):
+            subject.notes.append(f"{m.TITLE} is left out: {subject.lacks[unmet[0]]}.")
+        if unmet:
+            selected.remove(m)
     sae, sae_info = None, None
     have_sae = bool(opts.sae or opts.train_sae is not None)
     for m in [m for m in selected if "sae" in m.needs(params[m.NAME])]:
@@ -293,7 +299,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
                     "mask_rate": None if s.causal else opts.mask_rate, "seed": opts.seed},
         "model": {"layers": s.cfg.n_layers, "d_model": s.cfg.d_model, "heads": s.cfg.n_heads, "d_vocab": s.cfg.d_vocab,
                   "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
-                  "mask_id": s.mask_id},
+                  "mask_id": s.mask_id, **s.meta},
         "sae": sae_source(prepared["sae_info"], ref),
         "compute": {"device": device, "dtype": s.dtype},
         "analyses": [x["name"] for x in prepared["sections"]],

@@ -34,6 +34,13 @@ class LMSubject:
     notes: list = field(default_factory=list)
     encode: object = None  # callable(text) -> token ids: the model's own tokenizer, when it has one
     dtype: str = "float32"  # the dtype the model runs in
+    meta: dict = field(default_factory=dict)  # extra fields of report.json's "model" (the adapter's name and file)
+    lacks: dict = field(default_factory=dict)  # probe need key -> why this subject cannot meet it (see supports)
+
+    def supports(self, need: str) -> bool:
+        """Can the probe meet this need key (attention, token_map, sae, ...) for this model? An analysis that
+        needs one it cannot is left out of the report with a note (all of them, for TransformerLens models)."""
+        return need not in self.lacks
 
     @property
     def cfg(self):

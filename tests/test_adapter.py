@@ -1,0 +1,110 @@
+"""--adapter: the user's own PyTorch model (examples/hierarchical) through the HookedTransformer-like facade."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples" / "hierarchical"
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A copy of the example's adapter and model with a vocabulary and two tiny random checkpoints."""
+    for f in ("model.py", "adapter.py"):
+        shutil.copy(EX / f, tmp_path / f)
+    vocab = ["[PAD]", "[MASK]"] + sorted(set(TEXT))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "eval.txt").write_text(TEXT)
+    sys.path.insert(0, str(tmp_path))
+    from model import HierarchicalMLM
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    hp = dict(d_model=16, n_heads=4, n_layers=2, n_ctx=32)
+    for s in (10, 20):
+        torch.manual_seed(s)
+        m = HierarchicalMLM(len(vocab), **hp)
+        torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}, "hyper_parameters": hp,
+                    "global_step": s}, ck / f"checkpoint-{s}.ckpt")
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("model", None)
+
+
+def cli(*args, cwd=None):
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "reportgen", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_report_sections(run, tmp_path):
+    out = tmp_path / "site"
+    r = cli("build", "--ckpt", str(run / "checkpoints"), "--adapter", str(run / "adapter.py"), "--data",
+            str(run / "eval.txt"), "--out", str(out), "--seq-len", "32")
+    assert r.returncode == 0, r.stderr
+    page = (out / "checkpoints" / "step_20" / "index.html").read_text()
+    for anchor in ("predictions", "attention", "gradient-flow", "token-map"):
+        assert f'id="{anchor}"' in page
+    meta = json.loads((out / "checkpoints" / "step_20" / "data" / "report.json").read_text())
+    assert meta["kind"] == "adapter" and meta["step"] == 20
+    assert "block 1" in page.split('id="gradient-flow"')[1]  # the user's parameters grouped by declared blocks
+
+
+def test_facade_matches_model(run):
+    from reportgen.models.adapted import load_adapted
+
+    facade, a = load_adapted(str(run / "adapter.py"), run / "checkpoints" / "checkpoint-10.ckpt", "cpu")
+    x = torch.randint(0, facade.cfg.d_vocab, (3, 32))
+    with torch.no_grad():
+        own_logits, own_att = a.model(x, return_attention=True)
+        assert torch.allclose(facade(x), own_logits)
+        chained = facade(facade(x, stop_at_layer=0), start_at_layer=0)
+        assert torch.allclose(chained, own_logits, atol=1e-5)
+        got = {}
+        facade.run_with_hooks(x, fwd_hooks=[(f"blocks.{i}.attn.hook_pattern", lambda p, hook: got.__setitem__(hook.name, p))
+                                            for i in range(2)])
+    for i in range(2):
+        assert torch.equal(got[f"blocks.{i}.attn.hook_pattern"], own_att[i])
+    names = [n for n, _ in facade.named_parameters()]
+    assert "blocks.0.qkv.weight" in names and "unembed.weight" in names
+
+
+def _bad(run, body):
+    (run / "bad.py").write_text("from reportgen.adapter import Adapted\nimport torch\n" + body)
+    return cli("build", "--ckpt", str(run / "checkpoints"), "--adapter", str(run / "bad.py"), "--data",
+               str(run / "eval.txt"), "--out", str(run / "site"))
+
+
+@pytest.mark.parametrize("body,words", [
+    ("def adapter(path, device):\n    raise RuntimeError('boom')\n", "raised RuntimeError"),
+    ("def adapter(path, device):\n    m = torch.nn.Linear(4, 4)\n    return Adapted(model=m, n_heads=1, n_ctx=8, logits=lambda x: torch.zeros(2, 3))\n", "shape"),
+])
+def test_bad_adapter_one_line(run, body, words):
+    r = _bad(run, body)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if "error" in ln]  # besides the [i/n] progress lines
+    assert len(lines) == 1 and "bad.py" in lines[0] and words in lines[0], r.stderr
+    assert not (run / "site" / "checkpoints").exists()
+
+
+def test_missing_adapter_file(run):
+    r = cli("build", "--ckpt", str(run / "checkpoints"), "--adapter", str(run / "nope.py"), "--data",
+            str(run / "eval.txt"), "--out", str(run / "site"))
+    assert r.returncode == 2 and "nope.py" in r.stderr and "error" in r.stderr.strip().splitlines()[-1]
+
+
+def test_toml_adapter_and_unmet_need_is_a_note(run):
+    src = (run / "adapter.py").read_text().replace("attention=lambda x: model(x, return_attention=True), ", "")
+    (run / "noatt.py").write_text(src)
+    (run / "reportgen.toml").write_text('[model]\nadapter = "noatt.py"\n')
+    r = cli("build", "--ckpt", str(run / "checkpoints" / "checkpoint-10.ckpt"), "--config", str(run / "reportgen.toml"),
+            "--data", str(run / "eval.txt"), "--out", str(run / "site"), "--seq-len", "32")
+    assert r.returncode == 0, r.stderr
+    page = (run / "site" / "checkpoints" / "step_10" / "index.html").read_text()
+    assert 'id="attention"' not in page and "is left out: the adapter declares no attention" in page
+    assert 'id="predictions"' in page
