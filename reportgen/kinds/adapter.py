@@ -59,9 +59,9 @@ def gather(job, opts, params: dict, gc):
     return lm.gather_lm(job, opts, params, gc, load_subject)
 
 
-LACKS = {
-    "attention": "the adapter declares no attention (Adapted.attention)",
-    "token_map": "the adapter does not declare embed, blocks and unembed, so vectors cannot be run from a layer",
+LACKS = {  # probe need -> why an adapter without the part cannot meet it
+    "activations": "the adapter declares no attention (Adapted.attention)",
+    "run_from_layer": "the adapter does not declare embed, blocks and unembed, so vectors cannot be run from a layer",
     "sae": "SAE features run on TransformerLens models only",
 }
 
@@ -88,9 +88,9 @@ def load_subject(ref, opts, device: str):
     rows += [(k, v, "checkpoint") for k, v in a.config.items()]
     lacks = {}
     if a.attention is None:
-        lacks["attention"] = LACKS["attention"]
+        lacks["activations"] = LACKS["activations"]
     if not model.chain:
-        lacks["token_map"] = LACKS["token_map"]
+        lacks["run_from_layer"] = LACKS["run_from_layer"]
     lacks["sae"] = LACKS["sae"]
     subject = LMSubject(ref=ref, model=model, format="adapter", causal=bool(a.causal), config_rows=rows, vocab=vocab,
                         vocab_source=vocab_src, byte_level=byte_level, mask_id=mask_id, pad_id=pad_id,

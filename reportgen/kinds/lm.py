@@ -210,7 +210,7 @@ def gather_lm(job, opts, params: dict, gc, load):
     selected = [m for m in analyses.for_subject("lm") if not opts.only or m.NAME in opts.only]
     for m in list(selected):  # an analysis whose needs this model cannot meet is left out, with a note
         unmet = [k for k in m.needs(params[m.NAME]) if not subject.supports(k)]
-        if unmet and (m.NAME != "sae_features" or opts.sae or opts.train_sae is not None):
+        if unmet and (unmet != ["sae"] or opts.sae or opts.train_sae is not None):  # no SAE asked: no note
             subject.notes.append(f"{m.TITLE} is left out: {subject.lacks[unmet[0]]}.")
         if unmet:
             selected.remove(m)
@@ -222,13 +222,6 @@ def gather_lm(job, opts, params: dict, gc, load):
                 raise ReportgenError(f"--only {m.NAME} needs an SAE: pass --sae DIR or --train-sae LAYER")
             selected.remove(m)
     want_sae = have_sae and any("sae" in m.needs(params[m.NAME]) for m in selected)
-    supports = getattr(subject, "supports", None)  # a subject that cannot meet every need (e.g. an adapter)
-    if supports is not None:
-        for m in list(selected):
-            unmet = [k for k in m.needs(params[m.NAME]) if not supports(k)]
-            if unmet:
-                selected.remove(m)
-                subject.notes.append(f"{m.TITLE} is left out: this model does not provide {', '.join(unmet)}.")
     sae_dir = None
     if want_sae:
         from ..sae import load_sae, temp_folder, train_sae
