@@ -396,7 +396,7 @@ def test_unchanged_checkpoints_are_not_rebuilt(tiny_run, tmp_path):
     # options of another kind and parameters of analyses a TRM report does not run change nothing in it
     assert "0 report(s) built, 3 up to date" in run_build("--mask-rate", "0.3", "--mask-id", "3", "--max-seqs", "9",
                                                         "--param", "token_map.grid_size=7")
-    assert "0 report(s) built, 3 up to date" in run_build("--only", "sudoku_latents,step_evolution,solving_stats",
+    assert "0 report(s) built, 3 up to date" in run_build("--only", "sudoku_latents,step_evolution,solving_stats,recursion",
                                                         "--param", "attention.max_tokens=8")
     assert "3 report(s) built, 0 up to date" in run_build("--param", "solving_stats.calibration_bins=5")
     assert "3 report(s) built, 0 up to date" in run_build("--samples", "3")  # a changed option rebuilds
