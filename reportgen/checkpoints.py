@@ -75,7 +75,7 @@ def make_ref(path: Path) -> CheckpointRef:
     """The ref of a checkpoint file or folder: run = its folder's name, name = step_N (or its stem)."""
     m = STEP_RE.match(path.name)
     step = int(m.group(1)) if m else None
-    name = f"step_{step}" if m else path.stem
+    name = f"step_{step}" if m else (path.name if path.is_dir() else path.stem)  # a folder's name may hold dots
     return CheckpointRef(path=path, run=safe_name(path.parent.resolve().name), name=safe_name(name), step=step)
 
 

@@ -55,7 +55,7 @@ def load_sae(folder: Path, model, device: str):
         cfg = json.loads((folder / "cfg.json").read_text())
     except ValueError as e:
         raise ReportgenError(f"{folder / 'cfg.json'}: not valid JSON ({e})") from None
-    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")  # pre-6.0 key
     if not hook:
         raise ReportgenError(f"{folder / 'cfg.json'}: no metadata.hook_name: the SAE does not say where it reads the model")
     if hook not in model.hook_dict:
