@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import ReportgenError
 
-BUILTIN = ("trm", "lm", "adapter")  # modules of this package, in sniffing order
+BUILTIN = ("trm", "lm", "hf", "adapter")  # modules of this package, in sniffing order
 
 
 @dataclass
