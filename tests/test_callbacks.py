@@ -39,7 +39,7 @@ def test_unknown_build_option_is_named():
 
 def test_plain_loop_builds_in_the_background_one_at_a_time(tmp_path, capfd):
     """hook.save in a loop: steps 2, 4, 6 are due; 2 starts building, 4 waits, 6 replaces 4 (the newest is built);
-    a corrupt file handed to hook(step, path) ends in its one error line. close() waits for all of it."""
+    then a corrupt file handed to hook(step, path) ends in its one error line. close() waits for all of it."""
     write_dataset(tmp_path / "data" / "tiny")
     run = tmp_path / "run"
     save_upstream(make_model(0), run, 0, str(tmp_path / "data" / "tiny"))  # all_config.yaml for the run
@@ -53,9 +53,10 @@ def test_plain_loop_builds_in_the_background_one_at_a_time(tmp_path, capfd):
         busy.append(hook.busy)
     assert [p.name if p else None for p in saved] == [None, "step_2.pt", None, "step_4.pt", None, "step_6.pt"]
     assert busy[1:] == [True] * 5  # the loop went on while step 2 was still building
+    assert [r.step for r in hook.wait()] == [2, 6]
     bad = run / "step_8.pt"
     bad.write_bytes(b"\x80\x04 not a checkpoint")
-    assert hook(8, bad) is True
+    assert hook(7, bad) is False and hook(8, bad) is True
     results = hook.close()
     assert [(r.step, r.returncode) for r in results] == [(2, 0), (6, 0), (8, 2)], [r.error for r in results]
     assert "--ckpt" in results[0].argv and str(run / "step_2.pt") in results[0].argv
