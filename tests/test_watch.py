@@ -199,3 +199,10 @@ def test_bad_run_folder_and_bad_options_are_one_line(tmp_path):
         p = watch(*args, "--interval", "0", "--out", tmp_path / "site")
         out, err = p.communicate(timeout=60)
         assert p.returncode == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_watch_and_callbacks_import_no_torch():
+    code = ("import sys, reportgen.watch, reportgen.callbacks, reportgen.cli; "
+            "print(sorted(m for m in ('torch', 'lightning', 'transformers', 'matplotlib') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env())
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
