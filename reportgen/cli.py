@@ -218,7 +218,7 @@ def watch(run_dir, interval, once, timings, debug, eval_, no_index, **kw):
         from .watch import watch as run_watch
 
         code = run_watch(run_dir, _options({**kw, "ckpts": []}, eval_, no_index), interval=interval, once=once,
-                         debug=debug)
+                         debug=debug, timings=timings)
     except ReportgenError as e:
         if debug:
             raise

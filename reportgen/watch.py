@@ -94,7 +94,7 @@ def say(opts, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def build_each(paths: list[Path], opts, debug: bool = False) -> tuple[list[Path], list[str]]:
+def build_each(paths: list[Path], opts, debug: bool = False, timer=None) -> tuple[list[Path], list[str]]:
     """Build each checkpoint on its own with `opts` (as `reportgen build --ckpt PATH`, without the site index):
     (report folders written now, one error line per checkpoint that failed)."""
     from .build import run_build
@@ -103,7 +103,7 @@ def build_each(paths: list[Path], opts, debug: bool = False) -> tuple[list[Path]
     for p in paths:
         t0 = time.time()
         try:
-            folders = run_build(dataclasses.replace(opts, ckpts=[str(p)], write_index=False))
+            folders = run_build(dataclasses.replace(opts, ckpts=[str(p)], write_index=False), timer)
         except ReportgenError as e:
             if debug:
                 raise
@@ -135,12 +135,14 @@ def update_site(opts, run: str, changed: bool) -> None:
 
 
 def watch(run_dir: Path, opts, interval: float = 30.0, once: bool = False, debug: bool = False,
-          sleep=time.sleep) -> int:
-    """Poll `run_dir` and build what completes; with `once`, two polls `interval` apart, then exit.
+          timings: bool = False, sleep=time.sleep) -> int:
+    """Poll `run_dir` and build what completes; with `once`, two polls `interval` apart, then exit. `timings`:
+    after each poll that built something, the time spent per phase so far as JSON on stderr (as build's --timings).
     Returns the exit code: 2 when `once` and a checkpoint failed, else 0. Raises ReportgenError on bad options
     or a run folder that is a file (or, with `once`, missing)."""
     from .build import check_out
     from .checkpoints import safe_name
+    from .log import Timer
     from .config import validate
     from .render import set_templates
 
@@ -160,17 +162,23 @@ def watch(run_dir: Path, opts, interval: float = 30.0, once: bool = False, debug
     if not run_dir.is_dir():
         say(opts, f"{run_dir} does not exist yet; waiting for it")
     failed = False
+    timer = Timer()
     w.poll()
     while True:
         sleep(interval)
         ready, growing = w.poll()
         if ready:
-            built, errors = build_each(ready, opts, debug)
+            built, errors = build_each(ready, opts, debug, timer)
             for p in ready:
                 w.mark(p)  # built, up to date, or failed: not again until its files change
             failed |= bool(errors)
-            if len(errors) < len(ready):  # something is in the site (built now, or already up to date)
-                update_site(opts, run, changed=bool(built))
+            if opts.write_index and len(errors) < len(ready):  # something is in the site (built now or up to date)
+                with timer("site"):
+                    update_site(opts, run, changed=bool(built))
+            if timings:
+                import json
+
+                print(json.dumps({k: round(v, 4) for k, v in timer.phases.items()}), file=sys.stderr, flush=True)
         if once:
             for p in growing:
                 say(opts, f"not complete yet (still changing between polls): {p}")
