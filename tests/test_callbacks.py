@@ -202,3 +202,21 @@ def test_huggingface_every_n(tmp_path):
     cb.on_save(args, state, transformers.TrainerControl())
     assert not cb.hook.busy  # step 1 is not a multiple of 2
     cb.hook.close()
+
+
+def test_lightning_falls_back_to_pytorch_lightning():
+    """Where only the `pytorch_lightning` package exists (here: `lightning` made unimportable in a fresh process),
+    the callback is a pytorch_lightning Callback."""
+    import os
+    import subprocess
+
+    pytest.importorskip("pytorch_lightning")
+    code = ("import sys; sys.modules['lightning'] = None\n"
+            "from reportgen.callbacks import Lightning\n"
+            "import pytorch_lightning as pl\n"
+            "cb = Lightning(every=2, out='site')\n"
+            "print(isinstance(cb, pl.Callback), 'lightning.pytorch' in sys.modules)\n"
+            "cb.hook.close()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False"], r.stdout + r.stderr
