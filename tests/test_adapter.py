@@ -108,3 +108,25 @@ def test_toml_adapter_and_unmet_need_is_a_note(run):
     page = (run / "site" / "checkpoints" / "step_10" / "index.html").read_text()
     assert 'id="attention"' not in page and "is left out: the adapter declares no attention" in page
     assert 'id="predictions"' in page
+
+
+def test_shipped_example_report_shows_training(tmp_path):
+    """The committed example, built as its README says (from its folder): three step reports, and the
+    trained model restores masked characters better at the last step than at the first."""
+    ex = tmp_path / "hierarchical"
+    shutil.copytree(EX, ex, ignore=shutil.ignore_patterns("__pycache__", "site"))
+    steps = sorted(int(p.stem.split("-")[1]) for p in (ex / "checkpoints").glob("checkpoint-*.ckpt"))
+    assert len(steps) == 3
+    r = cli("build", "--ckpt", "checkpoints/", "--adapter", "adapter.py", "--data", "eval.txt", "--out", "site", cwd=ex)
+    assert r.returncode == 0, r.stderr
+    run = ex / "site" / "checkpoints"
+    assert sorted(p.name for p in run.glob("step_*")) == sorted(f"step_{s}" for s in steps)
+    metrics = {s: json.loads((run / f"step_{s}" / "data" / "report.json").read_text())["metrics"] for s in steps}
+    first, last = metrics[steps[0]], metrics[steps[-1]]
+    assert last["loss"]["value"] < first["loss"]["value"] - 0.3
+    assert last["masked_accuracy"]["value"] > 0.75 > first["masked_accuracy"]["value"]
+    pred = json.loads((run / f"step_{steps[-1]}" / "data" / "predictions.json").read_text())
+    assert pred["task"] == "masked" and pred["seq_len"] == 64 and pred["accuracy"]["value"] == last["masked_accuracy"]["value"]
+    page = (run / f"step_{steps[-1]}" / "index.html").read_text()
+    for anchor in ("predictions", "attention", "gradient-flow", "token-map"):
+        assert f'id="{anchor}"' in page
