@@ -163,31 +163,35 @@ def test_lightning_reuses_the_file_a_model_checkpoint_saved(adapted):
 # ---------------------------------------------------------------- Hugging Face Trainer
 
 def test_huggingface_builds_each_saved_checkpoint_folder(tmp_path):
-    """A real Trainer saving checkpoint-1 and checkpoint-2 folders: each is handed to a build with its folder as
-    --ckpt and its outcome is reported (a report where a kind reads Hugging Face folders, else its one error)."""
+    """A real Trainer saving checkpoint-1 and checkpoint-2 folders (weights, config, tokenizer, optimizer state):
+    each is built with its folder as --ckpt, by the hf kind, into one run of two reports."""
     transformers = pytest.importorskip("transformers")
+    from hf_models import CORPUS, byte_level_tokenizer
     from reportgen.callbacks import HuggingFace
 
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16)
+    tok = byte_level_tokenizer(300)
+    tok.pad_token = tok.eos_token  # the default collator pads (the sequences here are all 32 tokens)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300, n_positions=32)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg)
-    x = torch.randint(0, 40, (8, 16))
-    data = [{"input_ids": row, "labels": row} for row in x]
+    ids = tok(CORPUS, add_special_tokens=False)["input_ids"]
+    data = [{"input_ids": torch.tensor(ids[i:i + 32]), "labels": torch.tensor(ids[i:i + 32])} for i in range(0, 256, 32)]
+    (tmp_path / "val.txt").write_text(CORPUS, encoding="utf-8")
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf-run"), max_steps=2, save_steps=1,
                                           per_device_train_batch_size=4, report_to=[], use_cpu=True,
                                           logging_strategy="no", disable_tqdm=True)
     out = tmp_path / "site"
-    cb = HuggingFace(out=out, **FAST)
-    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    cb = HuggingFace(out=out, data=str(tmp_path / "val.txt"), seq_len=16, only=["predictions"], **FAST)
+    transformers.Trainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[cb]).train()
     results = cb.hook.results  # the end of training waited for both
     assert [r.step for r in results] == [1, 2]
     for r in results:
         folder = tmp_path / "hf-run" / f"checkpoint-{r.step}"
+        assert (folder / "optimizer.pt").is_file()  # Trainer state beside the model, not read as a checkpoint
         assert r.path == folder and r.argv[r.argv.index("--ckpt") + 1] == str(folder)
-        if r.returncode == 0:
-            assert report(out, "hf-run", f"step_{r.step}")["step"] == r.step
-        else:
-            assert r.returncode == 2 and r.error and str(folder) in r.error and "\n" not in r.error
+        assert r.returncode == 0, r.error
+        meta = report(out, "hf-run", f"step_{r.step}")
+        assert meta["kind"] == "hf" and meta["step"] == r.step
 
 
 def test_huggingface_every_n(tmp_path):

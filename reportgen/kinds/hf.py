@@ -131,20 +131,37 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@contextmanager
-def _rope_factor_attribute():
-    """transformers 5 keeps Phi's partial_rotary_factor inside config.rope_parameters; TransformerLens 3.9 reads
-    config.partial_rotary_factor. For the conversion only, the attribute reads the value where transformers keeps it."""
-    from transformers import PhiConfig
+# Attributes TransformerLens 3.9 reads from a transformers config that transformers 5 no longer sets: where the
+# value lives now. Only for the conversion, and only where the config object lacks the attribute.
+MOVED_ATTRIBUTES = (
+    ("PhiConfig", "partial_rotary_factor", lambda c: (c.rope_parameters or {}).get("partial_rotary_factor", 1.0)),
+    ("GPT2Config", "n_ctx", lambda c: c.n_positions),  # written only when the config names it
+)
 
-    if hasattr(PhiConfig, "partial_rotary_factor"):
-        yield
-        return
-    PhiConfig.partial_rotary_factor = property(lambda c: (c.rope_parameters or {}).get("partial_rotary_factor", 1.0))
+
+@contextmanager
+def _moved_attributes():
+    import transformers
+
+    added = []
+    for cls_name, attr, where in MOVED_ATTRIBUTES:
+        cls = getattr(transformers, cls_name, None)
+        if cls is None or hasattr(cls, attr):
+            continue
+
+        def get(c, attr=attr, where=where):
+            return c.__dict__[attr] if attr in c.__dict__ else where(c)
+
+        def put(c, v, attr=attr):
+            c.__dict__[attr] = v
+
+        setattr(cls, attr, property(get, put))
+        added.append((cls, attr))
     try:
         yield
     finally:
-        del PhiConfig.partial_rotary_factor
+        for cls, attr in added:
+            delattr(cls, attr)
 
 
 def tl_config(path: Path, hf: dict, dtype, device: str, n_ctx_needed: int):
@@ -163,7 +180,7 @@ def tl_config(path: Path, hf: dict, dtype, device: str, n_ctx_needed: int):
         neutral.mkdir()
         shutil.copyfile(path / "config.json", neutral / "config.json")
         try:
-            with _rope_factor_attribute():
+            with _moved_attributes():
                 d = convert_hf_model_config(str(neutral), local_files_only=True)
         except NotImplementedError:
             raise ReportgenError(f"{path / 'config.json'}: TransformerLens cannot convert the architecture "
