@@ -1,4 +1,4 @@
-"""reportgen adapter for model.py: `reportgen build --ckpt checkpoints/ --adapter adapter.py --data eval.txt`."""
+"""reportgen adapter for model.py: `reportgen build --ckpt checkpoints/hierarchical-mlm/ --adapter adapter.py --data eval.txt`."""
 import json
 from pathlib import Path
 
