@@ -115,11 +115,12 @@ def test_shipped_example_report_shows_training(tmp_path):
     trained model restores masked characters better at the last step than at the first."""
     ex = tmp_path / "hierarchical"
     shutil.copytree(EX, ex, ignore=shutil.ignore_patterns("__pycache__", "site"))
-    steps = sorted(int(p.stem.split("-")[1]) for p in (ex / "checkpoints").glob("checkpoint-*.ckpt"))
+    steps = sorted(int(p.stem.split("-")[1]) for p in (ex / "checkpoints" / "hierarchical-mlm").glob("checkpoint-*.ckpt"))
     assert len(steps) == 3
-    r = cli("build", "--ckpt", "checkpoints/", "--adapter", "adapter.py", "--data", "eval.txt", "--out", "site", cwd=ex)
+    r = cli("build", "--ckpt", "checkpoints/hierarchical-mlm/", "--adapter", "adapter.py", "--data", "eval.txt", "--out",
+            "site", cwd=ex)
     assert r.returncode == 0, r.stderr
-    run = ex / "site" / "checkpoints"
+    run = ex / "site" / "hierarchical-mlm"
     assert sorted(p.name for p in run.glob("step_*")) == sorted(f"step_{s}" for s in steps)
     metrics = {s: json.loads((run / f"step_{s}" / "data" / "report.json").read_text())["metrics"] for s in steps}
     first, last = metrics[steps[0]], metrics[steps[-1]]
@@ -130,3 +131,76 @@ def test_shipped_example_report_shows_training(tmp_path):
     page = (run / f"step_{steps[-1]}" / "index.html").read_text()
     for anchor in ("predictions", "attention", "gradient-flow", "token-map"):
         assert f'id="{anchor}"' in page
+
+
+class _Sneaky:  # a pickled object whose unpickling would run code
+    def __reduce__(self):
+        return (Path.touch, (Path(__file__).parent / "never-written",))
+
+
+def test_load_checkpoint_formats(tmp_path):
+    """Lightning's own .ckpt (written by a real Trainer), a plain state dict and {model_state_dict, config} load
+    as (state dict, hyper-parameters); a checkpoint that carries code is refused without running it."""
+    from reportgen.adapter import load_checkpoint
+
+    L = pytest.importorskip("lightning")
+
+    class Module(L.LightningModule):
+        def __init__(self, width=3):
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = torch.nn.Linear(width, 2)
+
+        def training_step(self, batch, i):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    m = Module(width=3)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3)), batch_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(m, data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    sd, hp = load_checkpoint(tmp_path / "last.ckpt")
+    assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], m.model.weight.detach())
+    assert hp == {"width": 3}
+
+    torch.save(m.model.state_dict(), tmp_path / "plain.pt")
+    sd, hp = load_checkpoint(tmp_path / "plain.pt")
+    assert torch.equal(sd["bias"], m.model.bias.detach()) and hp == {}
+
+    torch.save({"model_state_dict": m.model.state_dict(), "config": {"width": 3}}, tmp_path / "dict.pt")
+    assert load_checkpoint(tmp_path / "dict.pt")[1] == {"width": 3}
+
+    torch.save({"state_dict": m.model.state_dict(), "extra": _Sneaky()}, tmp_path / "sneaky.pt")
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        load_checkpoint(tmp_path / "sneaky.pt")
+    assert not (Path(__file__).parent / "never-written").exists()
+
+
+def test_module_function_adapter_and_its_files_in_the_digest(run, tmp_path):
+    """--adapter module:function imports an installed (here: on PYTHONPATH) module; with an adapter FILE.py, editing
+    the model.py beside it rebuilds the report, and an unchanged one is up to date."""
+    (run / "hier_adapters.py").write_text("from adapter import adapter as _a\n\n\ndef make(path, device):\n"
+                                          "    return _a(path, device)\n")
+    ck = str(run / "checkpoints" / "checkpoint-10.ckpt")
+    env = {"PYTHONPATH": f"{ROOT}:{run}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    common = ["--data", str(run / "eval.txt"), "--seq-len", "32", "--only", "predictions"]
+    r = subprocess.run([sys.executable, "-m", "reportgen", "build", "--ckpt", ck, "--adapter", "hier_adapters:make",
+                        "--out", str(tmp_path / "mod"), *common], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "mod" / "checkpoints" / "step_10" / "data" / "report.json").read_text())
+    assert meta["kind"] == "adapter" and meta["metrics"]
+
+    def build():
+        return cli("build", "--ckpt", ck, "--adapter", str(run / "adapter.py"), "--out", str(tmp_path / "file"), *common)
+
+    assert build().returncode == 0
+    assert "0 report(s) built, 1 up to date" in build().stderr
+    with open(run / "model.py", "a") as f:
+        f.write("\n# edited\n")
+    r = build()
+    assert r.returncode == 0 and "1 report(s) built, 0 up to date" in r.stderr, r.stderr

@@ -42,14 +42,23 @@ def check(ref, opts) -> None:
         raise ReportgenError("--dtype config is for TRM checkpoints; a language model runs in float32, bfloat16 or float16")
 
 
+SIBLINGS = ("*.py", "*.json")  # beside an adapter FILE.py: the model code it imports, the vocabulary it reads
+MAX_SIBLINGS = 200
+
+
 def inputs(ref, opts) -> list[Path]:
-    """The evaluation data, the SAE, the adapter's source (its bytes) and a --vocab file."""
+    """The evaluation data, the SAE, the adapter's source (its bytes) and a --vocab file; for an adapter FILE.py
+    also the .py and .json files beside it (its folder is on sys.path while it runs, so its model.py and
+    vocab.json are part of what the report shows: editing one rebuilds)."""
     from ..models.adapted import adapter_file
 
     files = lm.data_files(opts)
     f = adapter_file(opts.adapter)
     if f is not None and f.is_file():
         files.append(f)
+        if opts.adapter.endswith(".py") or ":" not in opts.adapter:
+            near = sorted({p for pat in SIBLINGS for p in f.parent.glob(pat) if p.is_file() and p != f})
+            files += near[:MAX_SIBLINGS]
     if opts.vocab and opts.vocab != "bytes" and Path(opts.vocab).is_file():
         files.append(Path(opts.vocab))
     return files
@@ -85,7 +94,11 @@ def load_subject(ref, opts, device: str):
             ("n_heads", cfg.n_heads, "adapter"), ("d_model", cfg.d_model or "not declared", "adapter"),
             ("d_vocab", cfg.d_vocab, "logits"), ("n_ctx", cfg.n_ctx, "adapter"),
             ("attention", cfg.attention_dir, "adapter")]
-    rows += [(k, v, "checkpoint") for k, v in a.config.items()]
+    shown = {k: str(v) for k, v, _ in rows}
+    for k, v in a.config.items():  # the adapter's own config rows, less those that repeat a row above
+        if str(k) in shown and shown[str(k)] == str(v):
+            continue
+        rows.append((f"{k} (checkpoint)" if str(k) in shown else k, v, "checkpoint"))
     lacks = {}
     if a.attention is None:
         lacks["activations"] = LACKS["activations"]
