@@ -45,13 +45,33 @@ def needs(params: Params) -> dict:
     return {"gradients": {"batch": params.batch}}
 
 
+# Module names inside a block, as TransformerLens, Hugging Face models and hand-written PyTorch models spell
+# them: the first path component after `blocks.{i}` that matches decides the group.
+_ATTN = re.compile(r"(self_)?attn\w*|attention\w*|self_attention|(c_)?qkv\w*|[qkvo]_proj|out_proj|query|key|value|"
+                   r"out|c_proj_attn|dense_attn|wq|wk|wv|wo|w_qkv")
+_MLP = re.compile(r"mlp\w*|ffn\w*|ff|feed_?forward\w*|fc\d*|c_fc|gate_proj|up_proj|down_proj|w[123]|dense_h_to_4h|"
+                  r"dense_4h_to_h|experts?|moe")
+_LN = re.compile(r"ln\w*|\w*norm\w*|layer_?norm\w*")
+
+
 def classify(name: str) -> tuple[str, str, tuple]:
-    """(layer, group, sort key) of a TransformerLens parameter name."""
-    m = re.match(r"blocks\.(\d+)\.([^.]+)", name)
+    """(layer, group, sort key) of a parameter name: TransformerLens names (`blocks.3.attn.W_Q`) and the names the
+    adapter gives a user's model (`blocks.3.` + the block module's own path, e.g. `blocks.3.qkv.weight`)."""
+    m = re.match(r"blocks\.(\d+)\.(.+)", name)
     if m:
-        i, part = int(m.group(1)), m.group(2)
-        group = "attn" if part.startswith("attn") else "mlp" if part.startswith("mlp") else \
-            "ln" if part.startswith("ln") else "other"
+        i, parts = int(m.group(1)), m.group(2).split(".")[:-1] or m.group(2).split(".")
+        group = "other"
+        for part in parts:
+            part = part.lower()
+            if _LN.fullmatch(part):
+                group = "ln"
+            elif _ATTN.fullmatch(part):
+                group = "attn"
+            elif _MLP.fullmatch(part):
+                group = "mlp"
+            else:
+                continue
+            break
         return f"block {i}", group, (1, i)
     head = name.split(".")[0]
     if head in ("embed", "pos_embed", "hook_embed"):
@@ -252,8 +272,9 @@ def figures(data: dict, params: Params) -> list[Figure]:
     b.grid(axis="x", visible=False)
     _legend(b, data)
     f2 = Figure("groups", (
-        "Gradient norm per parameter group: within each block, attention (attn: W_Q, W_K, W_V, W_O and biases), "
-        "MLP (mlp: W_in, W_out and biases) and the block's layer norms (ln); embed is the token (and position) "
+        "Gradient norm per parameter group: within each block, attention (attn: the query, key, value and output "
+        "weights and biases), MLP (mlp: its input, gate and output weights and biases), the block's norms (ln) and "
+        "any other parameter (other); embed is the token (and position) "
         "embedding, ln_final the final layer norm, unembed the unembedding. Same colours and thresholds as the "
         "previous figure; a group's norm is the square root of the sum of its parameters' squared norms."),
         fig, alt="Bar chart of gradient norm per parameter group and layer on a log scale")

@@ -1,7 +1,8 @@
 """Token map of embedding space (seed 002): a regular 2-D grid of points is lifted into the model's
 residual stream (x, y in the first two dimensions, repeated over all dimension pairs, or through a
 fixed random projection), fed in at one layer as one-token sequences, and each point is labelled
-with the model's most probable next token and its probability. Regions of one token show how the
+with the model's most probable output token there (the next token for a causal LM, the token it restores
+for a masked LM) and its probability. Regions of one token show how the
 model partitions that 2-D slice; the shading shows how sure it is. This module makes the grid's
 vectors; the probe runs them from the layer (its `run_from_layer` need); this module exports the result as the seed's JSON and draws it on a Canvas
 (one rectangle and one label per cell: a 50×50 map in milliseconds, not seconds of matplotlib text).
@@ -185,6 +186,7 @@ def compute(trace, params: Params) -> dict:
     return {
         "config": config,
         "n_layers": int(trace.n_layers),
+        "task": "next-token" if getattr(trace, "causal", True) else "masked",
         "coordinates": np.round(coords, 6).tolist(),
         "token_ids": ids.tolist(),
         "probabilities": np.round(probs, 6).tolist(),
@@ -352,6 +354,7 @@ def figures(data: dict, params: Params) -> list[Figure]:
         where = f"fed in as the residual stream before block {layer}, so {runs} on them"
     how = METHOD_TEXT.get(cfg["method"], cfg["method"]).format(seed=cfg["seed"])
     cx, cy = cfg["center"]
+    what = "restored token" if data.get("task") == "masked" else "next token"
     named = layout(G)["text"]
     text = ("Each cell names its top token (␠ space, ␊ newline, ␉ tab, ␍ carriage return, ∅ empty token, … cut short)." if named else
             f"At {G}×{G} the cells are too small to name their tokens: the table lists the most frequent ones and "
@@ -359,7 +362,7 @@ def figures(data: dict, params: Params) -> list[Figure]:
     caption = (
         f"Token map at layer {layer}, method {cfg['method']}: a {G}×{G} grid of points (x, y), spacing "
         f"{cfg['spacing']:g}, centred on ({cx:g}, {cy:g}), mapped to model-width vectors by {how} and {where}. "
-        f"Each cell is one point; its shade is the probability of the model's most probable next token there "
+        f"Each cell is one point; its shade is the probability of the model's most probable {what} there "
         f"(darker = more confident), and white lines separate regions with different top tokens. {text} "
         f"{data['distinct_tokens']} distinct top tokens; mean top-token probability {data['mean_probability']:.2f}.")
     alt = (f"{G} by {G} grid of cells shaded by top-token probability"

@@ -295,3 +295,20 @@ def test_gradient_partial_renders():
     html = environment().from_string('{% set ns = namespace(table=0) %}{% include "partials/gradient_flow.html" %}'
                                      ).render(s={"data": d, "figures": []}, src={}, links=False)
     assert "Table 1." in html and "block 1" in html and "vanishing" in html and "<script" not in html
+
+
+@pytest.mark.parametrize("name,group", [
+    ("blocks.0.attn.W_Q", "attn"), ("blocks.0.mlp.W_in", "mlp"), ("blocks.0.ln1.w", "ln"),
+    # a hand-written model (examples/hierarchical): fused qkv and its output projection, an nn.Sequential MLP
+    ("blocks.1.qkv.weight", "attn"), ("blocks.1.out.bias", "attn"), ("blocks.1.mlp.0.weight", "mlp"),
+    ("blocks.1.ln2.bias", "ln"),
+    # Hugging Face module names
+    ("blocks.2.self_attn.q_proj.weight", "attn"), ("blocks.2.mlp.gate_proj.weight", "mlp"),
+    ("blocks.2.input_layernorm.weight", "ln"), ("blocks.2.post_attention_layernorm.weight", "ln"),
+    ("blocks.3.ffn.fc1.weight", "mlp"), ("blocks.3.feed_forward.w1.weight", "mlp"),
+    ("blocks.3.attention.dense.weight", "attn"), ("blocks.3.norm1.weight", "ln"),
+    ("blocks.4.scale", "other"), ("blocks.4.router.weight", "other"),
+])
+def test_block_parameters_are_grouped_by_module_name(name, group):
+    layer, got, _ = gradient_flow.classify(name)
+    assert (layer, got) == (f"block {name.split('.')[1]}", group)
