@@ -186,13 +186,37 @@ def test_bfloat16(folders, notes, tmp_path):
     s = subject(folders["gpt_neox"], dtype="bfloat16")
     assert {p.dtype for p in s.model.parameters()} == {torch.bfloat16} and s.dtype == "bfloat16"
     out = tmp_path / "site"
-    for dt in ("float32", "bfloat16"):
-        assert build("--ckpt", folders["gpt_neox"], "--data", notes, "--seq-len", "16", "--only", "predictions",
-                     "--dtype", dt, "--out", out / dt).exit_code == 0
+    for dt in ("float32", "bfloat16"):  # bfloat16 with every analysis (gradient flow runs with gradients enabled)
+        only = ["--only", "predictions"] if dt == "float32" else []
+        r = build("--ckpt", folders["gpt_neox"], "--data", notes, "--seq-len", "16", *only, "--dtype", dt,
+                  "--out", out / dt)
+        assert r.exit_code == 0, r.output
     m = {dt: json.loads((out / dt / folders["gpt_neox"].parent.name / "pythia-tiny" / "data" / "report.json").read_text())
          for dt in ("float32", "bfloat16")}
     assert m["bfloat16"]["compute"]["dtype"] == "bfloat16"
     assert m["bfloat16"]["metrics"]["loss"]["value"] == pytest.approx(m["float32"]["metrics"]["loss"]["value"], abs=0.05)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_half_weights_with_float32_arithmetic(folders, family):
+    """On a CPU without native bfloat16 matmul the probe keeps the weights in bfloat16 and computes in float32
+    (models/halfcompute.py): the logits are float32, at least as close to the float32 model's as bfloat16
+    arithmetic gets, a run from a layer chains exactly, and afterwards the model is as it was."""
+    from reportgen.models.halfcompute import float32_compute
+
+    s32, s16 = subject(folders[family]), subject(folders[family], dtype="bfloat16")
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, plain = s32.model(x), s16.model(x).float()
+        with float32_compute(s16.model):
+            mixed = s16.model(x)
+            chained = s16.model(s16.model(x, stop_at_layer=1), start_at_layer=1)
+            assert {p.dtype for p in s16.model.parameters()} == {torch.bfloat16}  # between forwards
+        again = s16.model(x).float()
+    assert mixed.dtype == torch.float32 and torch.equal(chained, mixed)
+    assert (mixed - ref).abs().max() <= (plain - ref).abs().max() + 1e-6 and (mixed - ref).abs().max() < 0.05
+    assert torch.equal(again, plain) and s16.model.cfg.dtype == torch.bfloat16
+    assert {p.dtype for p in s16.model.parameters()} == {torch.bfloat16}
 
 
 def test_sae_from_a_release_folder_in_the_hf_cache(folders, notes, tmp_path):

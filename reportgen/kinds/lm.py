@@ -252,7 +252,7 @@ def gather_lm(job, opts, params: dict, gc, load):
         + (f" with the SAE at {sae_info['hook']}" if sae_info else ""))
     with timer("probe"):
         trace = probe_lm(subject, tokens, inputs, scored, needs, device, budget=budget, samples=max(opts.samples, 1),
-                         sae=sae, progress=progress, n_eval=n_eval, n_act=n_act)
+                         sae=sae, progress=progress, n_eval=n_eval, n_act=n_act, log=log)
     trace.metrics["eval_cap"] = cap if capped else None
     sections, metrics = [], {}
     for n, mod in enumerate(selected, 1):
@@ -294,7 +294,7 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
                   "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
                   "mask_id": s.mask_id, **s.meta},
         "sae": sae_source(prepared["sae_info"], ref),
-        "compute": {"device": device, "dtype": s.dtype},
+        "compute": {"device": device, "dtype": s.dtype, "arithmetic": tr.metrics.get("arithmetic", s.dtype)},
         "analyses": [x["name"] for x in prepared["sections"]],
         "metrics": {**({"loss": bootstrap_mean(tr.token_loss)} if tr.token_loss is not None else {}), **prepared["metrics"]},
         "versions": {"reportgen": __import__("reportgen._version", fromlist=["_"]).__version__, "torch": torch.__version__.split("+")[0],

@@ -147,9 +147,32 @@ def loss_terms(logits, targets, scored):
 
 def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray, needs: dict, device: str,
              budget: int = DEFAULT_BUDGET, samples: int = 5, sae=None, progress=None, n_eval: int | None = None,
-             n_act: int | None = None, max_batch: int | None = None) -> LMTrace:
+             n_act: int | None = None, max_batch: int | None = None, log=None) -> LMTrace:
     """One pass over the tokens. n_eval / n_act: the leading rows that get the loss / feed the activation
-    analyses (default: all); max_batch caps the batch size the budget gives (for tests)."""
+    analyses (default: all); max_batch caps the batch size the budget gives (for tests). A half-precision model
+    on a CPU without native half matmul computes in float32 (models/halfcompute.py)."""
+    import contextlib
+
+    from ..models.halfcompute import float32_compute, half_matmul_ratio, wanted
+
+    half = wanted(subject.model, device)
+    if half is None:
+        ctx = contextlib.nullcontext()
+    else:
+        ctx = float32_compute(subject.model)
+        if log:
+            log(f"  {half} weights, float32 arithmetic: this CPU's {half} matmul runs "
+                f"{half_matmul_ratio(half):.0f}x slower than float32's")
+    with ctx:
+        trace = _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, sae, progress, n_eval,
+                          n_act, max_batch)
+    if half is not None:
+        trace.metrics["arithmetic"] = "float32"
+    return trace
+
+
+def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, sae, progress, n_eval, n_act,
+              max_batch) -> LMTrace:
     import torch
 
     model = subject.model
