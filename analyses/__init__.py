@@ -10,10 +10,10 @@ another package through the `reportgen.analyses` entry point group.
 """
 from __future__ import annotations
 
-from . import (attention, gradient_flow, predictions, recursion, sae_features, solving_stats, step_evolution,
+from . import (attention, gradient_flow, halting, predictions, recursion, sae_features, solving_stats, step_evolution,
                sudoku_latents, token_map)
 
-_MODULES = [sudoku_latents, step_evolution, solving_stats, recursion, predictions, attention, gradient_flow, token_map, sae_features]
+_MODULES = [sudoku_latents, step_evolution, solving_stats, halting, recursion, predictions, attention, gradient_flow, token_map, sae_features]
 REQUIRED = ("NAME", "TITLE", "SUBJECTS", "Params", "compute", "figures")
 
 

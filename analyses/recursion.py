@@ -121,6 +121,7 @@ def compute(trace, params: Params) -> dict:
             "z_L_lens_accuracy": lens["L"][last[0]][last[1]],
             "z_H_lens_accuracy": lens["H"][last[0]][last[1]],
             "z_H_settling": bootstrap_ratios(ev.delta_H[-1, -1][None].astype(np.float64))[0],
+            "z_L_settling": bootstrap_ratios(ev.delta_L[-1, -1][None].astype(np.float64))[0],
             "violations_last_step": bootstrap_ratios(ev.violations[-1][None].astype(np.float64))[0],
         },
     }
@@ -150,3 +151,9 @@ def figures(data: dict, params: Params) -> list:
     from .recursion_figures import figures as draw
 
     return draw(data, params)
+
+
+def run_figure(items: list[tuple[str, dict]]):
+    from .recursion_figures import run_figure as draw
+
+    return draw(items)

@@ -166,3 +166,35 @@ def figures(data: dict, params) -> list[Figure]:
                  f"last step (dot)."),
         drawing=fig, alt="Latent change per cycle, rule violations per step, PCA of z_H trajectories"))
     return out
+
+
+def run_figure(items: list[tuple[str, dict]]) -> Figure | None:
+    """Across a run, one point per checkpoint: the logit-lens accuracy of z_H and z_L at the carry, how much each
+    latent still changes in the last cycle, and the rule violations of the last step's boards."""
+    if len(items) < 2:
+        return None
+    labels = [lab for lab, _ in items]
+    x = list(range(len(items)))
+    sm = [d["summary"] for _, d in items]
+    fig, ax = mpl_figure(1, 3, (7.0, 2.4))
+    a, b, c = ax[0]
+    metric_line(a, x, [s["z_H_lens_accuracy"] for s in sm], marker="o", ms=3, color=ACCENT, label="z_H")
+    metric_line(a, x, [s["z_L_lens_accuracy"] for s in sm], marker="s", ms=3, color=CHANGED, label="z_L")
+    a.set(ylabel="blank cells right", ylim=(-0.02, 1.02), title="(a) logit lens at the carry")
+    a.legend(loc="best", fontsize=6.5)
+    metric_line(b, x, [s["z_H_settling"] for s in sm], marker="o", ms=3, color=ACCENT, label="z_H")
+    if all("z_L_settling" in s for s in sm):
+        metric_line(b, x, [s["z_L_settling"] for s in sm], marker="s", ms=3, color=CHANGED, label="z_L")
+    b.set(ylabel="relative change", ylim=(0, None), title="(b) change in the last cycle")
+    b.legend(loc="best", fontsize=6.5)
+    metric_line(c, x, [s["violations_last_step"] for s in sm], marker="o", ms=3, color=BAD)
+    c.set(ylabel="violations per board", ylim=(0, None), title="(c) rule violations, last step")
+    for axis in (a, b, c):
+        axis.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+    return Figure("trend-recursion", (
+        "The recursion across the run, one point per checkpoint in training order, over each report's evaluation "
+        "puzzles: (a) the logit lens lm_head(z) on z_H (the model's answer) and on z_L after the last cycle of the "
+        "last step, share of blank cells right (bands: 95% Wilson); (b) the relative change of each latent in that "
+        "cycle (does the recursion settle as training goes on?); (c) the mean number of Sudoku rule violations "
+        "(repeated digits in a row, column or box) of the last step's boards (bands: 95% bootstrap over puzzles)."),
+        fig, alt="Logit-lens accuracy, settling and rule violations across checkpoints")

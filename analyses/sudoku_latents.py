@@ -37,6 +37,7 @@ def compute(trace, params: Params) -> dict:
         zh = reverse_embed(trace.z_H[:, P:], trace.embedding, "cosine")
         zl = reverse_embed(trace.z_L[:, P:], trace.embedding, "cosine")
     pred, conf = trace.preds[-1], trace.confidence[-1]
+    lens = trace.arrays["z_L_lens_tokens"][-1] if "z_L_lens_tokens" in trace.arrays else None  # [N, 81]
     samples = []
     for i in range(trace.n):
         inp, lab = trace.inputs[i], trace.labels[i]
@@ -56,6 +57,8 @@ def compute(trace, params: Params) -> dict:
             "z_H_matches_target": float((zh[i] == lab).mean()),
             "z_L_matches_target": float((zl[i] == lab).mean()),
         })
+        if lens is not None:  # lm_head(z_L): does z_L carry the answer in the output's own basis?
+            samples[-1]["z_L_lens"] = lens[i].tolist()
     ev = getattr(trace, "eval", None)
     evaluation = None if ev is None else {  # dot reverse embedding after the last step, over every evaluated cell
         "z_H_matches_target": proportion(ev.z_H_match.sum(), 81 * ev.n),
@@ -90,6 +93,16 @@ def panel_cells(s: dict) -> list[list[Cell]]:
             panels[5].append(Cell(token_str(pred[k], "·"), fill=mix("#ffffff", base, shade),
                                   color="#ffffff" if shade > 0.55 else INK, bold=not ok))
     return panels
+
+
+LENS_PANEL = "lm_head(z_L)"
+
+
+def lens_cells(s: dict) -> list[Cell]:
+    """The logit-lens readout of z_L as 81 cells, tinted where it equals the target (as the latent panels)."""
+    lab = s["labels"]
+    return [Cell(token_str(t, "·"), fill=mix("#ffffff", ACCENT, 0.18) if t == lab[k] else None,
+                 color=INK if t == lab[k] else MUTED) for k, t in enumerate(s["z_L_lens"])]
 
 
 def draw_sample(s: dict, cell: float = 22, cols: int = 3) -> Canvas:
@@ -145,12 +158,15 @@ def run_figure(items: list[tuple[str, dict]]) -> Figure | None:
 
     pz = max(sorted(common), key=lambda p: acc(items[-1][1], p) - acc(items[0][1], p))  # the most improved puzzle
     cell, gap_x, gap_y, label_w = 16, 14, 8, 92
-    cols = (2, 3, 4)  # prediction ŷ, tokenized z_H, tokenized z_L
+    picked = [next(x for x in d["samples"] if x["puzzle_index"] == pz) for _, d in items]
+    with_lens = all("z_L_lens" in s for s in picked)
+    cols = (2, 3, 4, 6) if with_lens else (2, 3, 4)  # prediction ŷ, tokenized z_H, tokenized z_L (, lm_head(z_L))
     bw, bh = 9 * cell, board_height(cell, 1)
     c = Canvas(label_w + len(cols) * (bw + gap_x) + 4, len(items) * (bh + gap_y) + 8)
-    for r, (label, d) in enumerate(items):
-        s = next(x for x in d["samples"] if x["puzzle_index"] == pz)
+    for r, ((label, d), s) in enumerate(zip(items, picked)):
         panels = panel_cells(s)
+        if with_lens:
+            panels.append(lens_cells(s))
         y = 4 + r * (bh + gap_y)
         verdict = "solved" if s["solved"] else f"{s['blank_accuracy']:.0%} of blanks"
         c.text(4, y + bh / 2 - 6, label, size=10, anchor="start", bold=True)
@@ -158,11 +174,14 @@ def run_figure(items: list[tuple[str, dict]]) -> Figure | None:
         for k, p in enumerate(cols):  # titles over the first row only; every board sits below a title's height
             x = label_w + k * (bw + gap_x)
             if r == 0:
-                draw_board(c, x, y, panels[p], cell=cell, title=PANELS[p])
+                draw_board(c, x, y, panels[p], cell=cell, title=PANELS[p] if p < len(PANELS) else LENS_PANEL)
             else:
                 draw_board(c, x, y + TITLE_H, panels[p], cell=cell)
     return Figure("trend-sudoku_latents", (
-        f"Puzzle {pz} (of those in every report, the one whose blank-cell accuracy rose most) across the run: the prediction ŷ and the tokenized z_H and z_L after the last ACT step, one row "
-        f"per checkpoint in training order. Red digits with a corner tick are wrong; tinted latent cells equal the "
-        f"target. Read down a column to see the solution emerge over training."), c,
+        f"Puzzle {pz} (of those in every report, the one whose blank-cell accuracy rose most) across the run: the "
+        f"prediction ŷ and the tokenized z_H and z_L after the last ACT step"
+        + (", and z_L read through the output head (lm_head(z_L), the logit lens)" if with_lens else "")
+        + ", one row per checkpoint in training order. Red digits with a corner tick are wrong; tinted latent cells "
+        "equal the target. Read down a column to see the solution emerge over training"
+        + (" and whether z_L comes to carry the answer itself." if with_lens else ".")), c,
         alt=f"Boards of puzzle {pz} at every checkpoint")

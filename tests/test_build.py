@@ -44,12 +44,14 @@ def test_report_folder_layout(site):
 def test_html_has_every_section_figure_and_provenance(site):
     out, rep = site
     html = (rep / "index.html").read_text()
-    for anchor in ("provenance", "sudoku-latents", "step-evolution", "solving-stats", "configuration", "data", "cite"):
+    for anchor in ("provenance", "sudoku-latents", "step-evolution", "solving-stats", "halting", "recursion",
+                   "configuration", "data", "cite"):
         assert f'id="{anchor}"' in html, anchor
     srcs = re.findall(r'<img src="([^"]+)"', html)
-    assert len(srcs) == 3 + 3 + 4 + 3 and all(s.endswith(".svg") and (rep / s).is_file() for s in srcs)
+    # latents 3 (samples), step evolution 3, solving statistics 5, halting 1, recursion 3
+    assert len(srcs) == 3 + 3 + 5 + 1 + 3 and all(s.endswith(".svg") and (rep / s).is_file() for s in srcs)
     numbers = [int(n) for n in re.findall(r"Figure (\d+)\.</span>", html)]
-    assert numbers == list(range(1, 14))
+    assert numbers == list(range(1, 16))
     meta = json.loads((rep / "data/report.json").read_text())
     assert meta["checkpoint"]["sha256"] in html and meta["checkpoint"]["sha256"] == __import__("hashlib").sha256(
         Path(meta["checkpoint"]["path"]).read_bytes()).hexdigest()
@@ -396,7 +398,7 @@ def test_unchanged_checkpoints_are_not_rebuilt(tiny_run, tmp_path):
     # options of another kind and parameters of analyses a TRM report does not run change nothing in it
     assert "0 report(s) built, 3 up to date" in run_build("--mask-rate", "0.3", "--mask-id", "3", "--max-seqs", "9",
                                                         "--param", "token_map.grid_size=7")
-    assert "0 report(s) built, 3 up to date" in run_build("--only", "sudoku_latents,step_evolution,solving_stats,recursion",
+    assert "0 report(s) built, 3 up to date" in run_build("--only", "sudoku_latents,step_evolution,solving_stats,halting,recursion",
                                                         "--param", "attention.max_tokens=8")
     assert "3 report(s) built, 0 up to date" in run_build("--param", "solving_stats.calibration_bins=5")
     assert "3 report(s) built, 0 up to date" in run_build("--samples", "3")  # a changed option rebuilds

@@ -27,6 +27,7 @@ TRACE_ARRAYS = {
     "z_L": "[N,P+81,D] float32 z_L carry after the last step",
     "z_H_tokens": "[T,N,81] int32 reverse embedding argmax(z_H·Eᵀ) of the 81 cells, per step",
     "z_L_tokens": "[T,N,81] int32 reverse embedding argmax(z_L·Eᵀ) of the 81 cells, per step",
+    "z_L_lens_tokens": "[T,N,81] int32 logit lens argmax(lm_head(z_L)) of the 81 cells, per step (lm_head(z_H) is preds)",
     "embedding": "[V,D] float32 token embedding table E (for other reverse-embedding methods)",
 }
 from .trm_cycles import CYCLE_EVAL_ARRAYS, CYCLE_TRACE_ARRAYS  # noqa: E402 - the recursion analysis' arrays
@@ -78,6 +79,7 @@ EVAL_ARRAYS = {
     "puzzle_index": "[N] int64 row of each evaluated puzzle in the split",
     "blank": "[N,81] bool cell left blank by the puzzle",
     "blanks": "[N] int16 blank cells per puzzle",
+    "candidates": "[N,81] int8 digits a blank cell could hold given the clues (none in its row, column or box); 0 at a clue",
     "correct_blank": "[T,N] int16 blank cells predicted right after each ACT step",
     "solved": "[T,N] bool all 81 cells right after each ACT step",
     "changed": "[T,N] int16 cells whose prediction differs from the previous step (0 at step 1)",
@@ -91,6 +93,7 @@ EVAL_ARRAYS = {
     "z_L_match": "[N] int16 the same for z_L",
 }
 
+FROM_INPUTS = ("puzzle_index", "blank", "blanks", "candidates")  # evaluation arrays made from the puzzles alone
 PER_STEP = ("correct_blank", "solved", "changed", "q_halt", "confidence_right", "confidence_wrong")  # [T, N]
 
 # --eval all: the whole split, up to a cap. On a GPU the cap covers the whole Sudoku-Extreme test split; on a CPU it is the number of puzzles of about 3e13 FLOP (roughly 10 minutes at ~50 GFLOP/s;
@@ -196,8 +199,10 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
     cfg = model.cfg
     T, P, N = cfg.halt_max_steps, cfg.prefix_len, len(inputs)
     E = model.embed_tokens.embedding_weight.detach().float().cpu().numpy()  # [V, D]
-    full = {k: [] for k in ("preds", "confidence", "logits", "q_halt", "q_continue", "z_H", "z_L", "z_H_tokens", "z_L_tokens")}
-    compact = {k: [] for k in EVAL_ARRAYS if k not in ("puzzle_index", "blank", "blanks")}  # per batch
+    full = {k: [] for k in ("preds", "confidence", "logits", "q_halt", "q_continue", "z_H", "z_L", "z_H_tokens", "z_L_tokens",
+                            "z_L_lens_tokens")}
+    W = model.lm_head.weight.detach().float()  # [V, D]: the logit lens on z_L
+    compact = {k: [] for k in EVAL_ARRAYS if k not in FROM_INPUTS}  # per batch
     cyc_eval, cyc_full, update = [], [], []
     with torch.inference_mode():
         for lo in range(0, N, batch_size):
@@ -232,6 +237,7 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
                     steps["q_continue"].append(q_cont[kept])
                     steps["z_H_tokens"].append(torch.from_numpy(reverse_embed(z_H[kept, P:].float().cpu().numpy(), E)))
                     steps["z_L_tokens"].append(torch.from_numpy(reverse_embed(z_L[kept, P:].float().cpu().numpy(), E)))
+                    steps["z_L_lens_tokens"].append((z_L[kept, P:].float() @ W.T).argmax(-1).cpu())
             last_tokens = [torch.from_numpy(reverse_embed(z[:, P:].float().cpu().numpy(), E)) for z in (z_H, z_L)]
             for k, v in compact_arrays(torch.stack(preds), torch.stack(confs), torch.stack(q_halts), lab, blank,
                                        *last_tokens).items():
@@ -273,6 +279,7 @@ def run_trm(subject, inputs: np.ndarray, labels: np.ndarray, puzzle_identifiers:
         "z_L": cat["z_L"],
         "z_H_tokens": cat["z_H_tokens"].astype(np.int32),
         "z_L_tokens": cat["z_L_tokens"].astype(np.int32),
+        "z_L_lens_tokens": cat["z_L_lens_tokens"].astype(np.int32),
         "embedding": E,
     }
     if cyc_full:
@@ -314,7 +321,25 @@ def _evalset(compact: dict, inputs: np.ndarray, puzzle_index: np.ndarray) -> Eva
     ev["puzzle_index"] = puzzle_index.astype(np.int64)
     ev["blank"] = inputs == 1
     ev["blanks"] = ev["blank"].sum(-1).astype(np.int16)
+    ev["candidates"] = candidates(inputs)
     return EvalSet(arrays={k: ev[k] for k in EVAL_ARRAYS})
+
+
+def candidates(inputs: np.ndarray) -> np.ndarray:
+    """[N,81] int8: for each blank cell (token 1) the number of digits 1-9 that no clue in its row, column or
+    3x3 box holds (token d+1 is digit d); 0 at a clue. A local measure of how hard a blank cell is."""
+    x = np.asarray(inputs).reshape(-1, 9, 9)
+    given = np.zeros(x.shape + (9,), dtype=bool)  # [N, r, c, digit]
+    d = x.astype(np.int64) - 2
+    ok = (d >= 0) & (d < 9)
+    n, r, c = np.nonzero(ok)
+    given[n, r, c, d[ok]] = True
+    rows, cols = given.any(2), given.any(1)  # [N, r, d], [N, c, d]
+    boxes = given.reshape(-1, 3, 3, 3, 3, 9).any((2, 4))  # [N, br, bc, d]
+    seen = rows[:, :, None, :] | cols[:, None, :, :] | np.repeat(np.repeat(boxes, 3, 1), 3, 2)
+    out = (~seen).sum(-1).astype(np.int8)
+    out[x != 1] = 0
+    return out.reshape(len(x), 81)
 
 
 def evalset_from_trace(trace: TRMTrace) -> EvalSet:
