@@ -27,8 +27,11 @@ def test_trace_has_spec_shapes_and_eval_semantics():
     shapes = {"inputs": (N, 81), "labels": (N, 81), "puzzle_index": (N,), "preds": (T, N, 81), "confidence": (T, N, 81),
               "logits": (T, N, 81, V), "q_halt": (T, N), "q_continue": (T, N), "halted": (T, N),
               "z_H": (N, P + 81, D), "z_L": (N, P + 81, D), "z_H_tokens": (T, N, 81), "z_L_tokens": (T, N, 81),
-              "embedding": (V, D)}
+              "z_L_lens_tokens": (T, N, 81), "embedding": (V, D)}
     assert {k: v.shape for k, v in tr.arrays.items()} == shapes
+    # the logit lens on z_L after the last step is lm_head applied to the final z_L carry
+    W = m.lm_head.weight.detach().float().numpy()
+    assert np.array_equal(tr.z_L_lens_tokens[-1], (tr.z_L[:, P:] @ W.T).argmax(-1))
     # eval never halts on q_halt: halted only at the last step, for every row
     assert not tr.halted[:-1].any() and tr.halted[-1].all()
     # per-step outputs equal a plain eval loop over the whole batch (the probe ran in chunks of 3)
@@ -162,7 +165,7 @@ def test_figures_show_the_exported_data():
 
 def test_registry_lists_every_analysis_with_its_contract():
     assert [m.NAME for m in analyses.for_subject("trm")] == ["sudoku_latents", "step_evolution", "solving_stats",
-                                                             "recursion"]
+                                                             "halting", "recursion"]
     assert [m.NAME for m in analyses.for_subject("lm")] == ["predictions", "attention", "gradient_flow", "token_map",
                                                             "sae_features"]
     for m in analyses.REGISTRY.values():
