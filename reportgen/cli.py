@@ -1,6 +1,7 @@
 """Command line: `reportgen build`. Heavy modules are imported inside the commands, so --help is instant."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -163,9 +164,7 @@ def build_options(f):
 @build_options
 def build(timings, debug, eval_, no_index, **kw):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
-    from .errors import ReportgenError
-
-    try:
+    with _one_line_errors(debug, "reportgen: interrupted; finished reports are kept, unfinished ones were discarded", 130):
         from .build import BuildOptions, Timer, run_build  # noqa: F401
 
         timer = Timer()
@@ -174,14 +173,23 @@ def build(timings, debug, eval_, no_index, **kw):
             import json
 
             click.echo(json.dumps({k: round(v, 4) for k, v in timer.phases.items()}), err=True)
+
+
+@contextlib.contextmanager
+def _one_line_errors(debug: bool, interrupted: str, interrupted_code: int):
+    """A ReportgenError is one line on stderr and exit 2 (--debug: its traceback); Ctrl-C prints `interrupted`."""
+    from .errors import ReportgenError
+
+    try:
+        yield
     except ReportgenError as e:
         if debug:
             raise
         click.echo(f"reportgen: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("reportgen: interrupted; finished reports are kept, unfinished ones were discarded", err=True)
-        sys.exit(130)
+        click.echo(interrupted, err=True)
+        sys.exit(interrupted_code)
 
 
 def _options(kw: dict, eval_: str, no_index: bool):
@@ -212,21 +220,11 @@ def watch(run_dir, interval, once, timings, debug, eval_, no_index, **kw):
     hidden or temporary names such as *.tmp, *.partial) is built as `reportgen build --ckpt PATH` builds it, and the
     site index and the run's overview are kept current. A checkpoint that fails prints its error and watching goes
     on. Ctrl-C stops."""
-    from .errors import ReportgenError
-
-    try:
+    with _one_line_errors(debug, f"stopped watching {run_dir}", 0):
         from .watch import watch as run_watch
 
         code = run_watch(run_dir, _options({**kw, "ckpts": []}, eval_, no_index), interval=interval, once=once,
                          debug=debug, timings=timings)
-    except ReportgenError as e:
-        if debug:
-            raise
-        click.echo(f"reportgen: error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo(f"stopped watching {run_dir}", err=True)
-        sys.exit(0)
     sys.exit(code)
 
 
