@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reportgen.figures import ACCENT, BAD, GOOD, INK, MUTED, Figure, metric_line, mpl_figure
-from reportgen.stats import bootstrap_ratios, metric, proportion, value
+from reportgen.stats import bootstrap_ratios, metric, proportion, reliability_bins, value
 
 NAME = "halting"
 TITLE = "Halting as a compute trade-off"
@@ -90,18 +90,7 @@ def compute(trace, params: Params) -> dict:
     lost = int((ever & ~solved[-1]).sum())
     # reliability of sigmoid(q_halt) as P(board fully correct), over all (step, puzzle) pairs
     pf, yf = p.ravel(), solved.ravel()
-    edges = np.linspace(0.0, 1.0, params.bins + 1)
-    which = np.clip(np.digitize(pf, edges[1:-1]), 0, params.bins - 1)
-    bins, ece = [], 0.0
-    for k in range(params.bins):
-        m = which == k
-        n = int(m.sum())
-        acc = proportion(yf[m].sum(), n)
-        mp = float(pf[m].mean()) if n else None
-        bins.append({"lo": round(float(edges[k]), 6), "hi": round(float(edges[k + 1]), 6), "count": n,
-                     "mean_p": mp, "correct": acc})
-        if n:
-            ece += n / pf.size * abs(acc["value"] - mp)
+    bins, ece = reliability_bins(pf, yf, params.bins, mean_key="mean_p", rate_key="correct")
     brier = float(np.mean((pf - yf) ** 2)) if pf.size else None
     decisions = q > 0
     per_step = [{"step": t + 1, "halt_rate": proportion(decisions[t].sum(), N),
@@ -117,7 +106,7 @@ def compute(trace, params: Params) -> dict:
         "cheapest_as_good": cheapest,
         "solved_then_lost": lost,
         "per_step": per_step,
-        "reliability": {"bins": bins, "pairs": int(pf.size), "ece": metric(ece if pf.size else None, pf.size),
+        "reliability": {"bins": bins, "pairs": int(pf.size), "ece": ece,
                         "brier": metric(brier, pf.size)},
         "summary": {
             "halting_solve_rate": at_zero["solve_rate"],
@@ -125,7 +114,7 @@ def compute(trace, params: Params) -> dict:
             "fixed_solve_rate": fixed["solve_rate"],
             "oracle_solve_rate": oracle["solve_rate"],
             "oracle_mean_steps": oracle["mean_steps"],
-            "q_halt_ece": metric(ece if pf.size else None, pf.size),
+            "q_halt_ece": ece,
         },
     }
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from reportgen.boards import Cell, board_height, draw_board
 from reportgen.figures import ACCENT, BAD, CHANGED, GOOD, INK, MUTED, Canvas, Figure, metric_line, mix, mpl_figure
-from reportgen.stats import bootstrap_mean, bootstrap_ratios, metric, proportion, value
+from reportgen.stats import bootstrap_mean, bootstrap_ratios, metric, proportion, reliability_bins, value
 
 NAME = "solving_stats"
 # headline metrics: label on the index page, summary.md and run overview, and how the value reads
@@ -67,18 +67,7 @@ def compute(trace, params: Params) -> dict:
         })
     # calibration at the last step over blank cells
     cf, ok = ev.confidence_last[ev.blank], ev.correct_last[ev.blank]
-    edges = np.linspace(0.0, 1.0, params.calibration_bins + 1)
-    which = np.clip(np.digitize(cf, edges[1:-1]), 0, params.calibration_bins - 1)
-    bins, ece = [], 0.0
-    for k in range(params.calibration_bins):
-        m = which == k
-        n = int(m.sum())
-        acc = proportion(ok[m].sum(), n)
-        mc = float(cf[m].mean()) if n else None
-        bins.append({"lo": round(float(edges[k]), 6), "hi": round(float(edges[k + 1]), 6), "count": n,
-                     "mean_confidence": mc, "accuracy": acc})
-        if n:
-            ece += n / cf.size * abs(acc["value"] - mc)
+    bins, ece = reliability_bins(cf, ok, params.calibration_bins)
     ever = solved.any(0)
     first = np.where(ever, solved.argmax(0) + 1, 0)  # [N] first step with a fully correct board, 0: never
     hist = {str(s): int((first == s).sum()) for s in range(1, T + 1)}
@@ -105,7 +94,7 @@ def compute(trace, params: Params) -> dict:
         "steps": int(T),
         "evaluation": {"puzzles": int(N), **info},
         "per_step": per_step,
-        "calibration": {"bins": bins, "ece": metric(ece if cf.size else None, cf.size), "cells": int(cf.size)},
+        "calibration": {"bins": bins, "ece": ece, "cells": int(cf.size)},
         "first_correct_histogram": hist,
         "cell_changes": [None if np.isnan(v) else round(float(v), 5) for v in cell_changes],
         "by_candidates": by_candidates,

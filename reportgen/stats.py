@@ -103,3 +103,24 @@ def fmt(m, kind: str = "num", ci: bool = True) -> str:
     if isinstance(m, dict) and m.get("n") is not None:
         s += f" (n={m['n']})"
     return s
+
+
+def reliability_bins(p, correct, n_bins: int, mean_key: str = "mean_confidence", rate_key: str = "accuracy"):
+    """Calibration of probabilities p against outcomes `correct` (same shape): n_bins equal-width bins over [0, 1],
+    each {"lo", "hi", "count", mean_key: mean p in the bin, rate_key: Wilson proportion correct}, and the expected
+    calibration error (the count-weighted mean of |rate - mean p|) as a metric with n = p.size."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    y = np.asarray(correct, dtype=bool).ravel()
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for k in range(n_bins):
+        m = which == k
+        n = int(m.sum())
+        rate = proportion(y[m].sum(), n)
+        mean = float(p[m].mean()) if n else None
+        bins.append({"lo": round(float(edges[k]), 6), "hi": round(float(edges[k + 1]), 6), "count": n,
+                     mean_key: mean, rate_key: rate})
+        if n:
+            ece += n / p.size * abs(rate["value"] - mean)
+    return bins, metric(ece if p.size else None, p.size)
