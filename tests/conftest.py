@@ -1,8 +1,11 @@
 """Fixtures: tiny real TRMs saved the way upstream pretrain.py saves them, and datasets in the upstream layout."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +157,24 @@ def lm_run(tmp_path) -> tuple[Path, Path]:
     text = tmp_path / "eval.txt"
     text.write_text(EVAL_TEXT)
     return run, text
+
+
+HIERARCHICAL = Path(__file__).resolve().parents[1] / "examples" / "hierarchical"
+
+
+@contextlib.contextmanager
+def hierarchical_copy(dst: Path, text: str):
+    """The hierarchical example's model.py and adapter.py copied into dst with a vocabulary of text's characters
+    (vocab.json) and eval.txt; dst is on sys.path meanwhile (so `from model import HierarchicalMLM` works).
+    Yields the vocabulary."""
+    for f in ("model.py", "adapter.py"):
+        shutil.copy(HIERARCHICAL / f, dst / f)
+    vocab = ["[PAD]", "[MASK]"] + sorted(set(text))
+    (dst / "vocab.json").write_text(json.dumps(vocab))
+    (dst / "eval.txt").write_text(text)
+    sys.path.insert(0, str(dst))
+    try:
+        yield vocab
+    finally:
+        sys.path.remove(str(dst))
+        sys.modules.pop("model", None)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import hierarchical_copy
+
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "hierarchical"
@@ -16,25 +18,18 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 @pytest.fixture
 def run(tmp_path):
     """A copy of the example's adapter and model with a vocabulary and two tiny random checkpoints."""
-    for f in ("model.py", "adapter.py"):
-        shutil.copy(EX / f, tmp_path / f)
-    vocab = ["[PAD]", "[MASK]"] + sorted(set(TEXT))
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "eval.txt").write_text(TEXT)
-    sys.path.insert(0, str(tmp_path))
-    from model import HierarchicalMLM
+    with hierarchical_copy(tmp_path, TEXT) as vocab:
+        from model import HierarchicalMLM
 
-    ck = tmp_path / "checkpoints"
-    ck.mkdir()
-    hp = dict(d_model=16, n_heads=4, n_layers=2, n_ctx=32)
-    for s in (10, 20):
-        torch.manual_seed(s)
-        m = HierarchicalMLM(len(vocab), **hp)
-        torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}, "hyper_parameters": hp,
-                    "global_step": s}, ck / f"checkpoint-{s}.ckpt")
-    yield tmp_path
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop("model", None)
+        ck = tmp_path / "checkpoints"
+        ck.mkdir()
+        hp = dict(d_model=16, n_heads=4, n_layers=2, n_ctx=32)
+        for s in (10, 20):
+            torch.manual_seed(s)
+            m = HierarchicalMLM(len(vocab), **hp)
+            torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}, "hyper_parameters": hp,
+                        "global_step": s}, ck / f"checkpoint-{s}.ckpt")
+        yield tmp_path
 
 
 def cli(*args, cwd=None):

@@ -3,7 +3,6 @@ the Hugging Face Trainer), each build a real `python -m reportgen build` process
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -11,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_ARCH, make_model, save_upstream, write_dataset
+from conftest import hierarchical_copy, make_model, save_upstream, write_dataset
 from reportgen.callbacks import Every
 
 ROOT = Path(__file__).resolve().parents[1]
-EX = ROOT / "examples" / "hierarchical"
 FAST = dict(formats=["html"], eval="4", samples=2, threads=1)
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -75,15 +73,8 @@ def test_plain_loop_builds_in_the_background_one_at_a_time(tmp_path, capfd):
 @pytest.fixture
 def adapted(tmp_path):
     """The hierarchical example's model and adapter, with a vocabulary and evaluation text."""
-    for f in ("model.py", "adapter.py"):
-        shutil.copy(EX / f, tmp_path / f)
-    vocab = ["[PAD]", "[MASK]"] + sorted(set(TEXT))
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "eval.txt").write_text(TEXT)
-    sys.path.insert(0, str(tmp_path))
-    yield tmp_path, vocab
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop("model", None)
+    with hierarchical_copy(tmp_path, TEXT) as vocab:
+        yield tmp_path, vocab
 
 
 def lightning_module(vocab_size: int, times: list):
