@@ -1,15 +1,20 @@
-"""Sparse-autoencoder features: reconstruction quality (explained variance; the loss with the SAE
-spliced in against the clean and the zero-ablated model), L0, the feature-density histogram with
-dead features counted, and the top features, each as a card: its top-activating contexts with
-per-token highlighting, its activation histogram and its direct logit effects (W_dec·W_U).
+"""Sparse-autoencoder features, for one or more SAEs (or transcoders) of SAELens.
 
-The probe keeps the SAE codes of every token sparsely (token, feature, value); everything here is
-numpy over those triples, so statistics cost little next to the model pass. The histograms are drawn
-as SVG directly and as HTML bars in the cards (no matplotlib), which keeps 32 cards fast.
+Per SAE: reconstruction quality (explained variance at the hook the SAE writes to; the loss with the SAE
+spliced in against the clean and the zero-ablated model), L0, the feature-density histogram with dead and
+dense features counted, an index of every live feature, and a card per chosen feature: its top-activating
+contexts, examples from quantile intervals of its activation distribution (marked on its histogram), the
+loss change of ablating it on its top contexts, its top and bottom logits through the unembedding, its
+nearest features by decoder cosine similarity and the features it fires with most. Optional prompts get a
+token × feature view.
+
+Everything here is numpy over the probe's streamed statistics (reportgen/probes/sae.py); the histograms are
+drawn as SVG directly and as small SVG images in the cards (no matplotlib), which keeps hundreds of cards fast.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -20,117 +25,300 @@ NAME = "sae_features"
 METRICS = {"sae_l0": ("SAE L0", "num"), "sae_explained_variance": ("SAE expl. var.", "pct")}
 TITLE = "Sparse autoencoder features"
 SUBJECTS = ("lm",)
-RANKS = ("mean", "max", "density")
+RANKS = ("default", "mean", "max", "density")
+SCRIPT = True  # the page script adds hover, sorting and jumping to the cards and the index
+
+
+def _ids(v) -> list:
+    if isinstance(v, str):
+        v = [x for x in v.replace(" ", "").split(",") if x]
+    try:
+        return [int(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"ids must be feature numbers, like ids=3,17,200 (not {v!r})") from None
 
 
 @dataclass
 class Params:
-    n_features: int = 32  # feature cards
-    rank_by: str = "mean"  # mean | max | density (over all evaluation tokens)
-    features: list = field(default_factory=list)  # explicit feature ids instead of a ranking
+    n_features: int = 32  # feature cards (per SAE)
+    rank_by: str = "default"  # default (mean activation, leaving out dense and dead features) | mean | max | density
+    dense: float = 0.10  # the default ranking leaves out features firing on more than this share of tokens
+    ids: list = field(default_factory=list)  # explicit feature ids instead of a ranking (ids=3,17,200)
     examples: int = 8  # top-activating contexts per feature
-    context: int = 8  # tokens on each side of the activating token
+    intervals: int = 10  # quantile intervals of the activation distribution, with examples from each
+    interval_examples: int = 2  # examples per interval
+    context: int = 6  # tokens on each side of the activating token
     bins: int = 24  # bins of each feature's activation histogram
-    logits: int = 8  # top positive / negative logit tokens per feature
-    loss_seqs: int = 8  # sequences for the spliced-in and zero-ablated loss (two extra passes from the hook on)
+    logits: int = 8  # top / bottom logit tokens per feature
+    neighbours: int = 5  # nearest features by decoder cosine similarity, and co-occurring features
+    ablate: int = 2  # top contexts per card on which the feature is ablated (0: none)
+    loss_seqs: int = 8  # sequences for the spliced-in and zero-ablated loss
     variance_seqs: int = 64  # sequences the explained variance is measured on (a dense decode costs an encode)
+    cooc_tokens: int = 131072  # tokens whose codes are kept for co-occurrence
+    predictions: int = 3  # the model's top predictions kept at every token (shown on hover; 0: none)
+    prompts: list = field(default_factory=list)  # prompt texts for the token × feature view (--prompt)
+    prompt_features: int = 5  # features shown per prompt token
+    index: bool = True  # the table of every live feature
+    pdf_cards: int = 16  # cards the PDF shows in full (the HTML shows all; the PDF lists every feature in the index)
 
     def __post_init__(self):
         if self.rank_by not in RANKS:
             raise ValueError(f"rank_by must be one of {', '.join(RANKS)}")
         if self.n_features < 1 or self.examples < 1 or self.context < 0 or self.bins < 2 or self.logits < 1:
             raise ValueError("n_features, examples, logits must be >= 1, bins >= 2, context >= 0")
-        if self.loss_seqs < 0 or self.variance_seqs < 1:
-            raise ValueError("loss_seqs must be >= 0 and variance_seqs >= 1")
-        self.features = [int(f) for f in self.features]
+        if self.loss_seqs < 0 or self.variance_seqs < 1 or self.intervals < 0 or self.interval_examples < 0:
+            raise ValueError("loss_seqs, intervals, interval_examples must be >= 0 and variance_seqs >= 1")
+        if not 0 < self.dense <= 1:
+            raise ValueError("dense must be a share of tokens in (0, 1]")
+        if self.pdf_cards < 0:
+            raise ValueError("pdf_cards must be >= 0")
+        if self.ablate < 0 or self.neighbours < 0 or self.predictions < 0 or self.prompt_features < 1:
+            raise ValueError("ablate, neighbours, predictions must be >= 0 and prompt_features >= 1")
+        self.ids = _ids(self.ids)
+        self.prompts = [self.prompts] if isinstance(self.prompts, str) else [str(p) for p in self.prompts]
 
 
 def needs(params: Params) -> dict:
-    return {"sae": {"loss_seqs": params.loss_seqs, "variance_seqs": params.variance_seqs}}
+    return {"sae": {"loss_seqs": params.loss_seqs, "variance_seqs": params.variance_seqs, "top_k": params.examples,
+                    "reservoir": max(params.intervals * max(params.interval_examples, 1) * 3, 1),
+                    "context": params.context, "cooc_tokens": params.cooc_tokens, "top_predictions": params.predictions,
+                    "logits": params.logits, "neighbours": max(params.neighbours, 1), "ablate": params.ablate,
+                    "choose": partial(choose, params), "prompts": params.prompts,
+                    "prompt_features": params.prompt_features}}
+
+
+def choose(params: Params, s: dict) -> list[int]:
+    """The features that get cards: the given ids, or the top n_features by the ranking (live features only;
+    the default ranking also leaves out dense ones)."""
+    count, d = s["count"], len(s["count"])
+    bad = [f for f in params.ids if not 0 <= f < d]
+    if bad:
+        raise ValueError(f"feature id {bad[0]} is out of range (the SAE at {s['hook']} has features 0..{d - 1})")
+    if params.ids:
+        return list(dict.fromkeys(params.ids))
+    n = max(s["n_tokens"], 1)
+    density = count / n
+    key = {"default": s["sum"] / n, "mean": s["sum"] / n, "max": s["max"], "density": density}[params.rank_by]
+    ok = count > 0
+    if params.rank_by == "default":
+        ok &= density <= params.dense
+    order = np.lexsort((np.arange(d), -key))
+    return [int(j) for j in order[ok[order]][: params.n_features]]
 
 
 def compute(trace, params: Params) -> dict:
-    s = trace.sae
+    blocks = [_one(trace, s, params, i) for i, s in enumerate(trace.sae)]
+    first = blocks[0]
+    hover = _hover(trace, blocks)
+    return {"hover": hover, **{k: first[k] for k in ("hook", "d_in", "d_sae", "tokens", "l0", "l0_metric", "explained_variance",
+                                      "variance_tokens", "losses", "loss_sequences", "ce_recovered", "dead", "alive",
+                                      "density_histogram", "features")},
+            "rank_by": "given ids" if params.ids else params.rank_by, "dense_threshold": params.dense, "saes": blocks,
+            "pdf_cards": params.pdf_cards}
+
+
+def _one(trace, s: dict, params: Params, i: int) -> dict:
     N, T = trace.inputs.shape
-    n_tok, d = int(s["n_tokens"]), int(s["d_sae"])
-    rows, cols, vals = s["rows"], s["cols"], s["vals"]
-    key = cols.astype(np.uint16) if d <= 65536 else cols  # 16-bit keys: numpy's stable sort is a radix sort
-    order = np.argsort(key, kind="stable")  # rows stay ascending within each feature
-    counts = np.bincount(cols, minlength=d)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    sv, sr = vals[order], rows[order]
-    sums = np.bincount(cols, weights=vals, minlength=d)
-    maxs = np.zeros(d)
-    alive = counts > 0
-    if alive.any():
-        maxs[alive] = np.maximum.reduceat(sv, starts[:-1][alive])
-    density = counts / n_tok
-    mean_act = sums / n_tok
-    bad = [f for f in params.features if not 0 <= f < d]
-    if bad:
-        raise ValueError(f"feature id {bad[0]} is out of range (the SAE has {d} features)")
-    if params.features:
-        chosen = params.features
-    else:
-        key = {"mean": mean_act, "max": maxs, "density": density}[params.rank_by]
-        chosen = [int(j) for j in np.lexsort((np.arange(d), -key))[: params.n_features] if counts[j] > 0]
+    flat = trace.inputs.reshape(-1)
     voc = trace.vocab
-    feats = []
-    for j in chosen:
-        r, v = sr[starts[j]:starts[j + 1]], sv[starts[j]:starts[j + 1]]
-        top = np.lexsort((r, -v))[: params.examples]
-        examples = []
-        for i in top:
-            seq, pos = divmod(int(r[i]), T)
-            lo, hi = max(0, pos - params.context), min(T, pos + params.context + 1)
-            flat = seq * T + np.arange(lo, hi)
-            at = np.searchsorted(r, flat)
-            hitm = (at < len(r)) & (r[np.minimum(at, len(r) - 1)] == flat)
-            acts = np.where(hitm, v[np.minimum(at, len(r) - 1)], 0.0)
-            examples.append({"sequence": seq, "position": pos, "activation": round(float(v[i]), 4),
-                             "tokens": [{"t": voc[int(t)], "a": round(float(a), 3)} for t, a in zip(trace.inputs[seq, lo:hi], acts)],
-                             "at": pos - lo})
-        hist, edges = np.histogram(v, bins=params.bins) if len(v) else (np.zeros(params.bins, int), np.linspace(0, 1, params.bins + 1))
-        k = params.logits
-        feats.append({
-            "id": int(j), "density": float(density[j]), "mean_activation": float(mean_act[j]), "max_activation": float(maxs[j]),
-            "fires": int(counts[j]), "examples": examples,
-            "histogram": {"counts": hist.astype(int).tolist(), "edges": [round(float(e), 4) for e in edges]},
-            "logits_pos": [{"token": voc[int(t)], "id": int(t), "value": round(float(x), 4)}
-                           for t, x in zip(s["logit_pos_ids"][j][:k], s["logit_pos"][j][:k])],
-            "logits_neg": [{"token": voc[int(t)], "id": int(t), "value": round(float(x), 4)}
-                           for t, x in zip(s["logit_neg_ids"][j][:k], s["logit_neg"][j][:k])],
-        })
+    n_tok, d = int(s["n_tokens"]), int(s["d_sae"])
+    count = s["count"]
+    density = count / max(n_tok, 1)
+    mean_act = s["sum"] / max(n_tok, 1)
+    alive = count > 0
+    dense = alive & (density > params.dense)
+    prefix = f"s{i}-" if len(trace.sae) > 1 else ""
+    chosen = s["chosen"]
+    carded = set(chosen)
+    cooc = _Cooc(s["cooc"], d)
+    preds = trace.token_predictions
+    feats = [_card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, preds) for j in chosen]
     lo10 = np.log10(density[alive]) if alive.any() else np.zeros(0)
-    floor = np.floor(np.log10(1.0 / n_tok))
+    floor = np.floor(np.log10(1.0 / max(n_tok, 1)))
     dh, de = np.histogram(lo10, bins=np.linspace(floor, 0, 25))
     losses = s["losses"]
     rec = None
     if {"clean", "sae", "zero"} <= set(losses) and losses["zero"] != losses["clean"]:
         rec = (losses["zero"] - losses["sae"]) / (losses["zero"] - losses["clean"])
-    return {
-        "hook": s["hook"], "d_in": s["d_in"], "d_sae": d, "tokens": n_tok,
-        "l0": float(len(vals) / n_tok), "l0_metric": _l0_metric(rows, n_tok), "explained_variance": float(s["explained_variance"]),
-        "variance_tokens": int(s["variance_tokens"]),
+    index = []
+    if params.index:
+        top_tok = s["top_tok"][:, 0]
+        for j in np.flatnonzero(alive):
+            t = int(top_tok[j])
+            index.append({"id": int(j), "density": float(density[j]), "max": float(s["max"][j]),
+                          "mean": float(mean_act[j]), "top": voc[int(flat[t])] if t >= 0 else "", "card": int(j) in carded,
+                          "dense": bool(dense[j])})
+    h = Z95 * s["l0_std"] / np.sqrt(n_tok) if n_tok > 1 else None
+    l0m = metric(s["l0"], n_tok, None if h is None else s["l0"] - h, None if h is None else s["l0"] + h,
+                 "normal" if h is not None else "none")
+    out = {
+        "label": s.get("name") or s["hook"], "prefix": prefix, "hook": s["hook"], "out_hook": s["out_hook"],
+        "transcoder": bool(s["transcoder"]), "architecture": s["architecture"], "head": s["head"],
+        "d_in": int(s["d_in"]), "d_sae": d, "tokens": n_tok, "l0": float(s["l0"]), "l0_metric": l0m,
+        "explained_variance": float(s["explained_variance"]), "variance_tokens": int(s["variance_tokens"]),
         "losses": {k: float(v) for k, v in losses.items()}, "loss_sequences": int(s["loss_seqs"]), "ce_recovered": rec,
-        "dead": int((~alive).sum()), "alive": int(alive.sum()),
+        "dead": int((~alive).sum()), "alive": int(alive.sum()), "dense": int(dense.sum()),
         "density_histogram": {"counts": dh.astype(int).tolist(), "edges": [round(float(e), 3) for e in de]},
-        "rank_by": "given ids" if params.features else params.rank_by, "features": feats,
+        "logit_how": s["logit_how"], "cooc_tokens": int(s["cooc_tokens"]), "features": feats, "index": index,
+        "prompts": [_prompt(p, voc, carded, prefix) for p in s.get("prompts", [])],
     }
+    return out
 
 
-def _l0_metric(rows: np.ndarray, n_tok: int) -> dict:
-    """Mean active features per token over every token, with a normal-approximation 95% interval (the per-token
-    counts are many and bounded; a bootstrap would cost more than the statistics here)."""
-    per_token = np.bincount(rows, minlength=n_tok).astype(np.float64)
-    m = float(per_token.mean()) if n_tok else None
-    h = Z95 * float(per_token.std(ddof=1)) / np.sqrt(n_tok) if n_tok > 1 else None
-    return metric(m, n_tok, None if h is None else m - h, None if h is None else m + h, "normal" if h is not None else "none")
+def _hover(trace, blocks: list) -> dict | None:
+    """The model's top predictions at every token the cards show, for the page's script: sorted flat positions
+    (omitted when every activation token is shown), then per position k token ids and k probabilities in 1/255,
+    little-endian, base64; with the strings of the tokens they name."""
+    import base64
+
+    tp = trace.token_predictions
+    if tp is None:
+        return None
+    ids, probs = tp["ids"], tp["probs"]
+    n, T, k = ids.shape
+    shown = set()
+    for b in blocks:
+        for f in b["features"]:
+            for x in f["examples"] + [e for iv in f["intervals"] for e in iv["examples"]]:
+                shown.update(range(x["o"], x["o"] + len(x["tokens"])))
+    pos = np.array(sorted(p for p in shown if p < n * T), dtype=np.int64)
+    dense = len(pos) >= 0.4 * n * T
+    if dense:
+        pos = np.arange(n * T)
+    fi, fp = ids.reshape(-1, k)[pos], probs.reshape(-1, k)[pos].astype(np.float32)
+    used, inv = np.unique(fi, return_inverse=True)
+    wide = len(used) > 65535
+    b64 = lambda a: base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()  # noqa: E731
+    return {"k": int(k), "pos": None if dense else b64(pos.astype("<u4")),
+            "ids": b64(inv.reshape(-1).astype("<u4" if wide else "<u2")), "wide": wide,
+            "p": b64(np.clip(np.round(fp * 255), 0, 255).astype(np.uint8)), "tokens": [trace.vocab[int(t)] for t in used]}
+
+
+class _Cooc:
+    """Which features fire together, over the tokens whose codes the probe kept: (token, feature) pairs."""
+
+    def __init__(self, pairs: np.ndarray, d: int):
+        self.d = d
+        tok, feat = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+        o = np.argsort(tok, kind="stable")
+        self.tok_sorted, self.feat_by_tok = tok[o], feat[o]
+        o = np.argsort(feat, kind="stable")
+        self.feat_start = np.searchsorted(feat[o], np.arange(d + 1))
+        self.tok_by_feat = tok[o]
+
+    def top(self, j: int, k: int) -> tuple[int, list]:
+        toks = self.tok_by_feat[self.feat_start[j]:self.feat_start[j + 1]]
+        if not len(toks) or not k:
+            return len(toks), []
+        a = np.searchsorted(self.tok_sorted, toks)
+        b = np.searchsorted(self.tok_sorted, toks, side="right")
+        lens = b - a
+        idx = np.repeat(a - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())  # every pair at those tokens
+        n = np.bincount(self.feat_by_tok[idx], minlength=self.d)
+        n[j] = 0
+        best = np.lexsort((np.arange(self.d), -n))[:k]
+        return len(toks), [(int(f), int(n[f])) for f in best if n[f] > 0]
+
+
+def _context(seq: int, pos: int, win: np.ndarray, flat, T: int, voc, preds, act: float) -> dict:
+    c = (len(win) - 1) // 2
+    lo, hi = max(0, pos - c), min(T, pos + c + 1)
+    ids = flat[seq * T + lo: seq * T + hi]
+    acts = np.nan_to_num(win[lo - pos + c: hi - pos + c])
+    return {"sequence": int(seq), "position": int(pos), "activation": round(float(act), 4), "start": int(lo),
+            "o": int(seq * T + lo),
+            "tokens": [{"t": voc[int(t)], "a": round(float(a), 3)} for t, a in zip(ids, acts)], "at": int(pos - lo)}
+
+
+def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, preds) -> dict:
+    examples = []
+    abl = s["ablation"].get(j, {})
+    for t, v, w in zip(s["top_tok"][j], s["top_val"][j], s["top_win"][j]):
+        if t < 0:
+            break
+        seq, pos = divmod(int(t), T)
+        x = _context(seq, pos, w, flat, T, voc, preds, v)
+        if int(t) in abl:
+            c = params.context
+            dl = abl[int(t)][x["start"] - pos + c: x["start"] - pos + c + len(x["tokens"])]
+            x["ablation"] = [None if np.isnan(e) else round(float(e), 4) for e in dl]
+        examples.append(x)
+    hist = s["hist"][j]
+    fires = int(s["count"][j])
+    top_max = float(s["max"][j])
+    from reportgen.probes.sae import bin_edges
+
+    edges = bin_edges()
+    intervals = []
+    if params.intervals and params.interval_examples and fires > len(examples):
+        sv, st, sw = s["sample_val"][j], s["sample_tok"][j], s["sample_win"][j]
+        qs = _quantiles(hist, edges, np.linspace(0, 1, params.intervals + 1), top_max)
+        for k in range(params.intervals):
+            a, b = qs[k], qs[k + 1]
+            last = k == params.intervals - 1
+            pick = [(float(v), int(t), w) for v, t, w in zip(sv, st, sw) if t >= 0 and a <= v and (v < b or (last and v <= b))]
+            pick = sorted(pick[: params.interval_examples], key=lambda e: (-e[0], e[1]))
+            intervals.append({"lo": float(a), "hi": float(b), "share": 1.0 / params.intervals,
+                              "examples": [_context(*divmod(t, T), w, flat, T, voc, preds, v) for v, t, w in pick]})
+    # the card's histogram: linear bins over [0, max], from the fine log bins (each at its geometric centre)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    nb = params.bins
+    idx = np.minimum((centres / max(top_max, 1e-30) * nb).astype(np.int64), nb - 1)
+    counts = np.bincount(idx, weights=hist, minlength=nb).astype(int)
+    marks = [iv["lo"] / top_max for iv in intervals[1:]] if top_max > 0 else []
+    n_seen, together = cooc.top(j, params.neighbours)
+    k = params.logits
+    card = {
+        "id": int(j), "anchor": f"{prefix}feature-{j}", "density": float(density[j]),
+        "mean_activation": float(mean_act[j]), "max_activation": top_max, "fires": fires, "examples": examples,
+        "intervals": intervals,
+        "histogram": {"counts": counts.tolist(), "edges": [0.0, round(top_max, 4)], "marks": [round(m, 4) for m in marks]},
+        "logits_pos": [{"token": voc[int(t)], "id": int(t), "value": round(float(x), 4)}
+                       for t, x in zip(s["logit_pos_ids"][j][:k], s["logit_pos"][j][:k])],
+        "logits_neg": [{"token": voc[int(t)], "id": int(t), "value": round(float(x), 4)}
+                       for t, x in zip(s["logit_neg_ids"][j][:k], s["logit_neg"][j][:k])],
+        "neighbours": [{"id": int(f), "cos": round(float(c), 3), "card": int(f) in carded}
+                       for f, c in zip(s["near_ids"][j][: params.neighbours], s["near_cos"][j][: params.neighbours])],
+        "cooccurring": [{"id": f, "n": n, "share": round(n / max(n_seen, 1), 4), "card": f in carded} for f, n in together],
+        "cooc_fires": int(n_seen),
+    }
+    if s.get("head_shares") is not None:
+        card["heads"] = [round(float(x), 3) for x in s["head_shares"][j]]
+    return card
+
+
+def _quantiles(hist: np.ndarray, edges: np.ndarray, qs: np.ndarray, top: float) -> list:
+    """Activation values at the quantiles qs of a feature's log-binned histogram (log-linear within a bin);
+    the last is the feature's maximum."""
+    total = hist.sum()
+    if not total:
+        return [0.0] * len(qs)
+    cdf = np.concatenate([[0], np.cumsum(hist)]) / total
+    le = np.log10(edges)
+    first = int(np.flatnonzero(hist)[0])
+    out = []
+    for q in qs:
+        i = int(np.clip(np.searchsorted(cdf, q, side="left") - 1, first, len(hist) - 1))
+        span = cdf[i + 1] - cdf[i]
+        frac = 0.0 if span <= 0 else (q - cdf[i]) / span
+        out.append(float(min(10 ** (le[i] + frac * (le[i + 1] - le[i])), top)))
+    out[-1] = top
+    return out
+
+
+def _prompt(p: dict, voc, carded, prefix) -> dict:
+    rows = []
+    for i, t in enumerate(p["tokens"]):
+        feats = [{"id": int(f), "a": round(float(v), 3), "card": int(f) in carded}
+                 for f, v in zip(p["ids"][i], p["vals"][i]) if v > 0]
+        rows.append({"t": voc[int(t)], "features": feats,
+                     "predictions": [{"t": voc[int(a)], "p": round(float(b), 3)} for a, b in zip(p["pred_ids"][i], p["pred_probs"][i])]})
+    return {"tokens": rows}
 
 
 def metrics(data: dict) -> dict:
-    """L0 over every token (n tokens); explained variance over the variance tokens and dead features of the
-    SAE's features as counts (no interval); CE recovered over the loss sequences."""
+    """Of the first SAE: L0 over every token (n tokens); explained variance over the variance tokens and dead
+    features as counts (no interval); CE recovered over the loss sequences."""
     out = {"sae_l0": data["l0_metric"],
            "sae_explained_variance": metric(data["explained_variance"], data["variance_tokens"]),
            "sae_dead": metric(data["dead"], data["d_sae"])}
@@ -140,6 +328,11 @@ def metrics(data: dict) -> dict:
 
 
 def figures(data: dict, params: Params) -> list[Figure]:
+    blocks = data.get("saes") or [data]
+    return [_density_figure(b, f"density{'-' + str(i) if i else ''}") for i, b in enumerate(blocks)]
+
+
+def _density_figure(data: dict, name: str) -> Figure:
     h = data["density_histogram"]
     counts, edges = h["counts"], h["edges"]
     W, H, left, bottom, top = 560.0, 210.0, 48.0, 36.0, 14.0
@@ -165,7 +358,8 @@ def figures(data: dict, params: Params) -> list[Figure]:
     c.text(left + pw / 2, H - 8, "feature firing frequency (fraction of tokens, log scale)", size=10, fill=MUTED)
     c.text(left + pw - 4, top + 6, f"{data['dead']} dead of {data['d_sae']}", size=10, anchor="end",
            fill=BAD if data["dead"] else MUTED, bold=True)
-    cap = (f"Feature density: how often each of the {data['alive']} live features fires over {data['tokens']:,} tokens "
+    where = f" ({data['hook']})" if data.get("hook") else ""
+    cap = (f"Feature density{where}: how often each of the {data['alive']} live features fires over {data['tokens']:,} tokens "
            f"(log10 of the firing frequency). {data['dead']} features never fire (dead) and are not in the histogram. "
            f"Mean L0 (features active per token): {data['l0']:.1f}.")
-    return [Figure("density", cap, c, alt="feature density histogram")]
+    return Figure(name, cap, c, alt="feature density histogram")

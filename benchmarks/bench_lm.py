@@ -1,11 +1,6 @@
-"""Language-model benchmark (1 thread): the SAE feature report against the cost of running the model once.
+"""Language-model benchmark (1 thread): the token map, and the seed-004 model at its real size end to end.
 
-Prints, on the example restoration model and its SAE over 256 x 128 evaluation tokens:
-  floor   one forward pass with the SAE encoding the hooked activations (nothing can be faster);
-  data    the probe pass that sae_features needs + its statistics for 32 features, as a multiple of the floor
-          (target <= 1.05x); the pass stops after the SAE's layer (the model's later layers are not needed)
-          except on the sequences of the spliced-in loss; also printed: the same with logits everywhere;
-  full    data + figures (SVG and PNG written) + the section's HTML, as a multiple of the floor (target <= 1.1x);
+Prints, on the example restoration model (the SAE feature pages have their own, benchmarks/bench_sae.py):
   token map  a 50x50 grid: its forward passes, and the time beyond them (compute + figure + files; target <= 0.5 s).
 Medians of --repeat runs, alternated so that drift on a shared machine hits both sides alike.
 
@@ -51,14 +46,11 @@ def small(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import analyses.sae_features as SF
     import analyses.token_map as TM
     from reportgen.figures import save
-    from reportgen.models.lm import LMSubject, load_model, read_checkpoint, sniff
+    from reportgen.models.lm import load_model, read_checkpoint, sniff
     from reportgen.data.tokens import load_tokens, load_vocab, mask_tokens
-    from reportgen.probes.lm import probe_lm, run_from_layer
-    from reportgen.render import environment
-    from reportgen.sae import load_sae
+    from reportgen.probes.lm import run_from_layer
 
     ckpt = Path(args.ckpt)
     obj = read_checkpoint(ckpt)
@@ -66,60 +58,9 @@ def small(args) -> None:
     vocab, src, byte_level = load_vocab(None, ckpt, model.cfg.d_vocab)
     tokens = load_tokens(Path(args.data), vocab, byte_level, model.cfg.d_vocab, 128, 256)
     inputs, scored = mask_tokens(tokens, 0.15, 257, 0, protect=(256,))
-    sae, info = load_sae(Path(args.sae), model, "cpu")
-    hook = info["hook"]
-    subject = LMSubject(ref=None, model=model, format="restoration", causal=causal, config_rows=rows, vocab=vocab,
-                        vocab_source=src, byte_level=byte_level, mask_id=257, pad_id=256)
-    params = SF.Params(n_features=32)
-    print(f"model {ckpt.name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; SAE {info['architecture']} "
-          f"{info['d_in']}->{info['d_sae']} at {hook}; tokens {tokens.shape[0]}x{tokens.shape[1]}; 1 thread")
-
-    def floor():
-        def enc(x, hook):
-            sae.encode(x.reshape(-1, x.shape[-1]))
-
-        with torch.inference_mode():
-            for lo in range(0, len(inputs), 32):
-                model.run_with_hooks(torch.as_tensor(inputs[lo:lo + 32]), fwd_hooks=[(hook, enc)])
-
-    def data():
-        tr = probe_lm(subject, tokens, inputs, scored, SF.needs(params), "cpu", sae=sae)
-        return tr, SF.compute(tr, params)
-
-    def data_full():  # the same with logits for every sequence, as when predictions run in the same report
-        tr = probe_lm(subject, tokens, inputs, scored, {**SF.needs(params), "logits": {"top_k": 5}}, "cpu", sae=sae)
-        return tr, SF.compute(tr, params)
-
+    print(f"model {ckpt.name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; 1 thread "
+          f"(the SAE feature pages: benchmarks/bench_sae.py)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-lm-"))
-
-    def full():
-        tr, d = data()
-        figs = SF.figures(d, params)
-        src_map = {}
-        for i, f in enumerate(figs):
-            f.number, f.stem = i + 1, f"01-sae_features-{i + 1}"
-            f.files = {"svg": f"figures/{f.stem}.svg", "png": f"figures/{f.stem}.png"}
-            f.width, f.height = int(f.drawing.width), int(f.drawing.height)
-            save(f, tmp / f.stem, ("svg", "png"))
-            src_map[f.stem] = f.files["svg"]
-        html = environment().get_template("partials/sae_features.html").render(
-            s={"data": d, "figures": figs}, src=src_map, links=True)
-        (tmp / "section.html").write_text(html)
-        return len(html)
-
-    floor(), data(), full(), data_full()  # warm up (first calls allocate and import)
-    t = {"floor": [], "data": [], "full": [], "data_full": []}
-    for _ in range(args.repeat):
-        for name, fn in (("floor", floor), ("data", data), ("full", full), ("data_full", data_full)):
-            t0 = time.perf_counter()
-            fn()
-            t[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in t.items()}
-    print(f"floor (forward + SAE encode, 256x128 tokens): {med['floor']:.3f} s")
-    print(f"sae_features data, 32 features:               {med['data']:.3f} s = {med['data'] / med['floor']:.3f}x floor (target <= 1.05)")
-    print(f"sae_features data + figures + HTML:           {med['full']:.3f} s = {med['full'] / med['floor']:.3f}x floor (target <= 1.10)")
-    print(f"  (data alone stops after the SAE's layer except on the {params.loss_seqs} loss sequences; with logits for "
-          f"every sequence, as with predictions on: {med['data_full']:.3f} s = {med['data_full'] / med['floor']:.3f}x floor)")
 
     tp = TM.Params(grid_size=50)
     need = {**TM.needs(tp)["run_from_layer"], "layer": model.cfg.n_layers - 1}

@@ -52,7 +52,9 @@ class BuildOptions:
     max_seqs: int = 256
     mask_rate: float = 0.15  # share of positions masked for a restoration (bidirectional) model
     mask_id: int | None = None  # mask token id when neither the config nor the vocabulary names one
-    sae: str | None = None  # SAELens SAE folder
+    sae: list[str] = field(default_factory=list)  # SAELens SAE folders (one section of features each)
+    prompts: list[str] = field(default_factory=list)  # --prompt texts for the SAE token × feature view
+    prompt_files: list[str] = field(default_factory=list)  # --prompt-file: a text file, one prompt
     train_sae: int | None = None  # layer whose resid_post an SAE is trained on (with SAELens)
     sae_arch: str = "topk"
     sae_tokens: int = 200_000
@@ -62,8 +64,9 @@ class BuildOptions:
 
 
 # BuildOptions field -> its `reportgen build` flag where the two names differ
-_FLAGS = {"ckpts": "--ckpt", "formats": "--format", "params": "--param", "quiet": "--quiet"}
-_MULTIPLE = ("ckpts", "params")  # repeated flags; other lists are comma-separated
+_FLAGS = {"ckpts": "--ckpt", "formats": "--format", "params": "--param", "quiet": "--quiet", "prompts": "--prompt",
+          "prompt_files": "--prompt-file"}
+_MULTIPLE = ("ckpts", "params", "sae", "prompts", "prompt_files")  # repeated flags; other lists are comma-separated
 
 
 def command_line(opts: BuildOptions, ckpts: list[str], **overrides) -> list[str]:
@@ -123,8 +126,16 @@ def validate(opts: BuildOptions):
         raise ReportgenError(f"--executor must be none, slurm or local, not {opts.executor!r}")
     if opts.sae_arch not in ("topk", "standard"):
         raise ReportgenError(f"--sae-arch must be topk or standard, not {opts.sae_arch!r}")
-    if opts.sae and not Path(opts.sae).is_dir():
-        raise ReportgenError(f"{opts.sae}: SAE folder not found (--sae)")
+    for folder in opts.sae:
+        if not Path(folder).is_dir():
+            raise ReportgenError(f"{folder}: SAE folder not found (--sae)")
+    if len(set(opts.sae)) < len(opts.sae):
+        raise ReportgenError(f"--sae {next(f for f in opts.sae if opts.sae.count(f) > 1)}: the same SAE is passed twice")
+    for f in opts.prompt_files:
+        if not Path(f).is_file():
+            raise ReportgenError(f"{f}: prompt file not found (--prompt-file)")
+    if (opts.prompts or opts.prompt_files) and not (opts.sae or opts.train_sae is not None):
+        raise ReportgenError("--prompt and --prompt-file show SAE features: pass --sae DIR or --train-sae LAYER too")
     bad = [f for f in opts.formats if f not in FORMATS]
     if bad or not opts.formats:
         raise ReportgenError(f"--format takes a list of {', '.join(FORMATS)}, not {','.join(opts.formats)!r}")

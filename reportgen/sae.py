@@ -21,8 +21,9 @@ def _quiet():
     logging.getLogger("sae_lens").setLevel(logging.ERROR)
 
 
-def hook_width(model, hook: str) -> int:
-    """Last dimension of the activation at `hook` (from a two-token forward)."""
+def hook_width(model, hook: str, head=None) -> int:
+    """Last dimension of the activation at `hook` (from a two-token forward): heads × d_head for a hook_z, or
+    d_head when the SAE reads one head (`head`)."""
     import torch
 
     seen = {}
@@ -33,15 +34,20 @@ def hook_width(model, hook: str) -> int:
     with torch.inference_mode():
         model.run_with_hooks(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device), fwd_hooks=[(hook, grab)],
                              return_type=None)
-    return seen["shape"][-1] if len(seen["shape"]) == 3 else seen["shape"][-2] * seen["shape"][-1]
+    shape = seen["shape"]
+    if len(shape) == 3:
+        return shape[-1]
+    return shape[-1] if head is not None else shape[-2] * shape[-1]
 
 
 def describe(sae, folder: str, how: str) -> dict:
     c = sae.cfg
     meta = c.metadata
+    out_hook = getattr(meta, "hook_name_out", None)
     return {"folder": folder, "how": how, "architecture": c.architecture(), "hook": meta.hook_name, "d_in": int(c.d_in),
             "d_sae": int(c.d_sae), "k": getattr(c, "k", None), "trained_on": getattr(meta, "model_name", None),
-            "context_size": getattr(meta, "context_size", None)}
+            "context_size": getattr(meta, "context_size", None),
+            **({"hook_out": out_hook or meta.hook_name, "d_out": int(c.d_out)} if hasattr(c, "d_out") else {})}
 
 
 def load_sae(folder: Path, model, device: str):
@@ -55,25 +61,47 @@ def load_sae(folder: Path, model, device: str):
         cfg = json.loads((folder / "cfg.json").read_text())
     except ValueError as e:
         raise ReportgenError(f"{folder / 'cfg.json'}: not valid JSON ({e})") from None
-    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")  # pre-6.0 key
+    meta = cfg.get("metadata") or {}
+    hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")  # pre-6.0 key
     if not hook:
         raise ReportgenError(f"{folder / 'cfg.json'}: no metadata.hook_name: the SAE does not say where it reads the model")
-    if hook not in model.hook_dict:
-        raise ReportgenError(f"{folder / 'cfg.json'}: hook point {hook} does not exist in this model "
-                             f"({model.cfg.n_layers} layers)")
-    width = hook_width(model, hook)
-    if int(cfg.get("d_in", -1)) != width:
-        raise ReportgenError(f"{folder / 'cfg.json'}: SAE d_in {cfg.get('d_in')} does not match {hook}, "
-                             f"whose activations have {width} dimensions")
+    arch = cfg.get("architecture", "standard")
+    _check_hook(model, folder, hook, cfg.get("d_in"), meta.get("hook_head_index"), "reads", "d_in")
     _quiet()
     from sae_lens import SAE
+    from sae_lens.registry import SAE_CLASS_REGISTRY
 
+    if arch not in SAE_CLASS_REGISTRY:
+        raise ReportgenError(f"{folder / 'cfg.json'}: architecture {arch!r} is not one SAELens {_saelens_version()} "
+                             f"knows (it knows {', '.join(sorted(SAE_CLASS_REGISTRY))})")
+    if "d_out" in cfg or "transcoder" in arch:
+        out = meta.get("hook_name_out") or cfg.get("hook_name_out") or hook
+        _check_hook(model, folder, out, cfg.get("d_out"), meta.get("hook_head_index_out"), "writes (its output hook)",
+                    "d_out")
     try:
         sae = SAE.load_from_disk(str(folder), device=device)
     except Exception as e:  # noqa: BLE001 - a corrupt SAE is the user's input
         raise ReportgenError(f"{folder}: SAELens could not load the SAE ({first_line(e, 140)})") from None
+    if ("d_out" in cfg or "transcoder" in arch) and not getattr(sae.cfg.metadata, "hook_name_out", None):
+        sae.cfg.metadata.hook_name_out = meta.get("hook_name_out") or cfg.get("hook_name_out") or hook
     sae.eval()
     return sae, describe(sae, str(folder), "--sae")
+
+
+def _check_hook(model, folder: Path, hook: str, width, head, verb: str, key: str) -> None:
+    if hook not in model.hook_dict:
+        raise ReportgenError(f"{folder / 'cfg.json'}: the SAE {verb} {hook}, a hook point this model does not have "
+                             f"({model.cfg.n_layers} layers)")
+    have = hook_width(model, hook, head)
+    if width is None or int(width) != have:
+        raise ReportgenError(f"{folder / 'cfg.json'}: SAE {key} {width} does not match {hook}, whose activations have "
+                             f"{have} dimensions")
+
+
+def _saelens_version() -> str:
+    from importlib.metadata import version
+
+    return version("sae-lens")
 
 
 def temp_folder() -> Path:

@@ -91,11 +91,13 @@ def write_report(job, opts, gathered, timer, worker=None) -> PendingReport:
                                                                            default=_json_default) + "\n")
             (tmp / REPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with timer("html"):
+            # the page script (templates/report.js) only where an analysis has something interactive (SCRIPT)
+            script = any(getattr(s.get("module"), "SCRIPT", False) for s in sections)
             if "html" in opts.formats:
                 svg = {f.stem: f.files["svg"] for f in figs}
-                (tmp / "index.html").write_text(render("report.html", src=svg, links=True, **ctx), encoding="utf-8")
+                (tmp / "index.html").write_text(render("report.html", src=svg, links=True, script=script, **ctx), encoding="utf-8")
             if opts.self_contained:  # one file, no reference outside it: figures as data: URIs, no file links
-                page = render("report.html", src={f.stem: f.files["svg"] for f in figs}, links=False, **ctx)
+                page = render("report.html", src={f.stem: f.files["svg"] for f in figs}, links=False, script=script, **ctx)
                 (tmp / "report.html").write_text(inline_images(page, tmp), encoding="utf-8")
     except BaseException as e:
         # the worker may still be writing into the staged folder; after Ctrl-C the caller kills it instead

@@ -121,7 +121,7 @@ def test_child_command_line_carries_every_option(monkeypatch):
                        self_contained=True, force=True, jobs=1, executor="none", slurm_partition="p", slurm_gpus=2,
                        slurm_time=9, slurm_cpus=3, write_index=False, config="c.toml", params=["x.y=1", "x.z=2"],
                        threads=2, dpi=150, max_memory="1GiB", quiet=True, vocab="bytes", seq_len=16, max_seqs=9,
-                       mask_rate=0.2, mask_id=3, sae="s", train_sae=None, sae_arch="standard", sae_tokens=5000,
+                       mask_rate=0.2, mask_id=3, sae=["s", "t"], prompts=["a b", "c"], prompt_files=["p.txt"], train_sae=None, sae_arch="standard", sae_tokens=5000,
                        trust_checkpoint=True, adapter="ad.py", templates="t")
     defaults = BuildOptions(ckpts=[])
     untested = [f.name for f in dataclasses.fields(BuildOptions)

@@ -210,8 +210,9 @@ def test_sae_features_on_a_hand_set_sae(tmp_path):
                         vocab_source="", byte_level=True, mask_id=257, pad_id=256)
     scored = np.zeros_like(tokens, dtype=bool)
     scored[:, 5] = True
-    tr = probe_lm(subject, tokens, tokens, scored, {"sae": {"loss_seqs": 2}}, "cpu", sae=sae)
-    d = F.compute(tr, F.Params(n_features=4, examples=10, context=2))
+    params = F.Params(n_features=4, examples=10, context=2, loss_seqs=2, rank_by="mean")
+    tr = probe_lm(subject, tokens, tokens, scored, F.needs(params), "cpu", sae=sae)
+    d = F.compute(tr, params)
     (f0,) = [f for f in d["features"] if f["id"] == 0]
     assert len(d["features"]) == 1  # the other features never fire
     assert sorted((x["sequence"], x["position"]) for x in f0["examples"]) == where
@@ -260,7 +261,8 @@ def test_lm_build_end_to_end(lm_run, tmp_path):
     html = (rep / "index.html").read_text()
     for sec in ("predictions", "attention", "gradient-flow", "token-map", "sae-features"):
         assert f'id="{sec}"' in html
-    assert "blocks.1.hook_resid_post" in html and "<script" not in html
+    assert "blocks.1.hook_resid_post" in html and "<script src" not in html  # the page's script is inline
+    assert "<script" not in html.split("</main>")[0].split('<script type="application/json"')[0]
     meta = json.loads((rep / "data" / "report.json").read_text())
     assert meta["kind"] == "lm" and meta["sae"]["hook"] == "blocks.1.hook_resid_post"
     assert {"loss", "masked_accuracy", "attention_entropy", "sae_l0", "sae_explained_variance"} <= set(meta["metrics"])
@@ -340,16 +342,19 @@ def test_sae_pass_that_stops_after_the_hook_layer_gives_the_same_features():
                         vocab_source="", byte_level=True, mask_id=257, pad_id=256)
     tokens = np.random.default_rng(1).integers(0, 256, (12, 16))
     inputs, scored = mask_tokens(tokens, 0.2, 257, 0)
-    need = {"sae": {"loss_seqs": 3, "variance_seqs": 5}}
-    a = probe_lm(subject, tokens, inputs, scored, need, "cpu", max_batch=4, sae=sae)
+    need = {"sae": {"loss_seqs": 3, "variance_seqs": 5, "choose": lambda s: [0, 1], "ablate": 1}}
+    a = probe_with_sae = probe_lm(subject, tokens, inputs, scored, need, "cpu", max_batch=4, sae=sae)
     b = probe_lm(subject, tokens, inputs, scored, {**need, "logits": {"top_k": 2}}, "cpu", max_batch=4, sae=sae)
     assert "loss" not in a.metrics and "loss" in b.metrics
-    for key in ("rows", "cols"):
-        assert (a.sae[key] == b.sae[key]).all()
-    assert np.allclose(a.sae["vals"], b.sae["vals"], atol=1e-6)
-    assert a.sae["losses"] == pytest.approx(b.sae["losses"], rel=1e-5)
-    assert a.sae["explained_variance"] == pytest.approx(b.sae["explained_variance"], rel=1e-5)
-    assert a.sae["variance_tokens"] == 5 * 16
+    a, b = a.sae[0], b.sae[0]
+    for key in ("count", "top_tok", "sample_tok", "hist", "cooc"):
+        assert (a[key] == b[key]).all()
+    assert np.allclose(a["top_val"], b["top_val"], atol=1e-6)
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    assert a["explained_variance"] == pytest.approx(b["explained_variance"], rel=1e-5)
+    assert all(np.allclose(a["ablation"][j][t], b["ablation"][j][t], atol=1e-5, equal_nan=True) for j in a["ablation"] for t in a["ablation"][j])
+    assert probe_with_sae.token_predictions is None
+    assert a["variance_tokens"] == 5 * 16
 
 
 def test_standard_l1_sae_trains_too(tmp_path):

@@ -131,24 +131,29 @@ def _text_rows(path: Path, vocab: list[str], byte_level: bool, seq_len: int, max
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ReportgenError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if encode is not None:
-        ids = np.asarray(encode(text), dtype=np.int64)
-    elif byte_level:
-        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    else:
-        lookup = {t: i for i, t in enumerate(vocab) if len(t) == 1}
-        if not lookup:
-            raise ReportgenError(f"{path}: text data needs a byte- or character-level vocabulary (--vocab bytes or vocab.json)")
-        unk = next((i for i, t in enumerate(vocab) if t in ("[UNK]", "<unk>", "<UNK>")), None)
-        ids = []
-        for ch in text[: seq_len * max_seqs]:
-            i = lookup.get(ch, unk)
-            if i is None:
-                raise ReportgenError(f"{path}: character {ch!r} is not in the vocabulary and it has no [UNK] token")
-            ids.append(i)
-        ids = np.asarray(ids, dtype=np.int64)
+    ids = encode_text(text[: seq_len * max_seqs] if encode is None and not byte_level else text, vocab, byte_level,
+                      encode, str(path))
     n = min(len(ids) // seq_len, max_seqs)
     return list(ids[: n * seq_len].reshape(n, seq_len))
+
+
+def encode_text(text: str, vocab: list[str], byte_level: bool, encode=None, where: str = "text") -> np.ndarray:
+    """Token ids of a text: the model's own tokenizer when it has one, else its bytes or the vocabulary's characters."""
+    if encode is not None:
+        return np.asarray(encode(text), dtype=np.int64)
+    if byte_level:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    lookup = {t: i for i, t in enumerate(vocab) if len(t) == 1}
+    if not lookup:
+        raise ReportgenError(f"{where}: text data needs a byte- or character-level vocabulary (--vocab bytes or vocab.json)")
+    unk = next((i for i, t in enumerate(vocab) if t in ("[UNK]", "<unk>", "<UNK>")), None)
+    ids = []
+    for ch in text:
+        i = lookup.get(ch, unk)
+        if i is None:
+            raise ReportgenError(f"{where}: character {ch!r} is not in the vocabulary and it has no [UNK] token")
+        ids.append(i)
+    return np.asarray(ids, dtype=np.int64)
 
 
 def mask_tokens(tokens: np.ndarray, rate: float, mask_id: int, seed: int, protect: tuple = ()) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,9 @@ class Options:
     max_seqs: int = 256
     mask_rate: float = 0.15
     mask_id: int | None = None
-    sae: str | None = None
+    sae: list = None  # SAE folders
+    prompts: list = None
+    prompt_files: list = None
     train_sae: int | None = None
     sae_arch: str = "topk"
     sae_tokens: int = 200_000
@@ -74,8 +76,9 @@ def data_files(opts) -> list[Path]:
     files = []
     data = Path(opts.data)
     files += sorted(q for q in data.rglob("*") if q.is_file()) if data.is_dir() else [data]
-    if opts.sae:
-        files += sorted(q for q in Path(opts.sae).glob("*") if q.is_file())
+    for folder in opts.sae or []:
+        files += sorted(q for q in Path(folder).glob("*") if q.is_file())
+    files += [Path(f) for f in opts.prompt_files or []]
     return files
 
 
@@ -214,7 +217,7 @@ def gather_lm(job, opts, params: dict, gc, load):
             subject.notes.append(f"{m.TITLE} is left out: {subject.lacks[unmet[0]]}.")
         if unmet:
             selected.remove(m)
-    sae, sae_info = None, None
+    saes, sae_infos = [], []
     have_sae = bool(opts.sae or opts.train_sae is not None)
     for m in [m for m in selected if "sae" in m.needs(params[m.NAME])]:
         if not have_sae:  # an analysis of an SAE runs only when there is one
@@ -224,19 +227,31 @@ def gather_lm(job, opts, params: dict, gc, load):
     want_sae = have_sae and any("sae" in m.needs(params[m.NAME]) for m in selected)
     sae_dir = None
     if want_sae:
+        from ..probes.sae import Spliced
         from ..sae import load_sae, temp_folder, train_sae
 
         if opts.sae:
             with timer("load"):
-                sae, sae_info = load_sae(Path(opts.sae), model, device)
+                for folder in opts.sae:
+                    sae, info = load_sae(Path(folder), model, device)
+                    saes.append(Spliced(sae, Path(folder).name))
+                    sae_infos.append(info)
         else:
             sae_dir = temp_folder()
             log(f"  training an SAE ({opts.sae_arch}) on blocks.{opts.train_sae}.hook_resid_post with SAELens, "
                 f"{opts.sae_tokens:,} tokens")
             with timer("train_sae"):
-                sae, sae_info = train_sae(model, inputs, opts.train_sae, sae_dir, device, arch=opts.sae_arch,
-                                          training_tokens=opts.sae_tokens, seed=opts.seed, label=ref.run)
-            sae_info["folder"] = "sae/"
+                sae, info = train_sae(model, inputs, opts.train_sae, sae_dir, device, arch=opts.sae_arch,
+                                      training_tokens=opts.sae_tokens, seed=opts.seed, label=ref.run)
+            info["folder"] = "sae/"
+            saes.append(Spliced(sae, "sae/"))
+            sae_infos.append(info)
+    prompt_ids = prompt_tokens(opts, params, subject, cfg.n_ctx) if want_sae else []
+    for sp in saes:  # given feature ids, checked before the pass
+        bad = [f for f in getattr(params.get("sae_features"), "ids", []) if not 0 <= f < sp.d_sae]
+        if bad:
+            raise ReportgenError(f"sae_features.ids: feature id {bad[0]} is out of range (the SAE at {sp.hook} has "
+                                 f"features 0..{sp.d_sae - 1})")
     asked = []
     for m in selected:  # each analysis' needs, with layers resolved against this model
         need = m.needs(params[m.NAME])
@@ -245,14 +260,16 @@ def gather_lm(job, opts, params: dict, gc, load):
             rf["layer"] = resolve_layer(int(rf["layer"]), cfg.n_layers, m.NAME)
             check_run_from_memory(rf, cfg, budget, m.NAME)
             need = {**need, "run_from_layer": rf}
+        if "sae" in need and prompt_ids:
+            need = {**need, "sae": {**need["sae"], "prompts": prompt_ids}}
         asked.append(need)
     needs = merge_needs(asked)
     log(f"  probing {tokens.shape[0]} sequences × {tokens.shape[1]} tokens on {device} (loss over {n_eval}"
         + (f", capped at {cap}: --eval N for more" if capped else "") + f"; activations over {n_act})"
-        + (f" with the SAE at {sae_info['hook']}" if sae_info else ""))
+        + (f" with {'SAEs' if len(saes) > 1 else 'the SAE'} at {', '.join(sp.hook for sp in saes)}" if saes else ""))
     with timer("probe"):
         trace = probe_lm(subject, tokens, inputs, scored, needs, device, budget=budget, samples=max(opts.samples, 1),
-                         sae=sae, progress=progress, n_eval=n_eval, n_act=n_act, log=log)
+                         sae=saes or None, progress=progress, n_eval=n_eval, n_act=n_act, log=log)
     trace.metrics["eval_cap"] = cap if capped else None
     sections, metrics = [], {}
     for n, mod in enumerate(selected, 1):
@@ -267,7 +284,7 @@ def gather_lm(job, opts, params: dict, gc, load):
             figs = mod.figures(data, params[mod.NAME])
         sections.append({"name": mod.NAME, "title": mod.TITLE, "anchor": mod.NAME.replace("_", "-"), "data": data,
                          "figures": figs, "module": mod})
-    prepared = {"subject": subject, "trace": trace, "sections": sections, "metrics": metrics, "sae_info": sae_info,
+    prepared = {"subject": subject, "trace": trace, "sections": sections, "metrics": metrics, "sae_infos": sae_infos,
                 "tokens": tokens}
     meta = lm_meta(job, opts, prepared, device)
     return Gathered(meta, lm_context(meta, prepared), trace, sections, {"sae": sae_dir} if sae_dir else {})
@@ -293,15 +310,38 @@ def lm_meta(job, opts, prepared: dict, device: str) -> dict:
         "model": {"layers": s.cfg.n_layers, "d_model": s.cfg.d_model, "heads": s.cfg.n_heads, "d_vocab": s.cfg.d_vocab,
                   "attention": "causal" if s.causal else "bidirectional", "vocab": s.vocab_source,
                   "mask_id": s.mask_id, **s.meta},
-        "sae": sae_source(prepared["sae_info"], ref),
+        "sae": sae_source(prepared["sae_infos"][0], ref) if prepared["sae_infos"] else None,
+        "saes": [sae_source(i, ref) for i in prepared["sae_infos"]],
         "compute": {"device": device, "dtype": s.dtype, "arithmetic": tr.metrics.get("arithmetic", s.dtype)},
         "analyses": [x["name"] for x in prepared["sections"]],
         "metrics": {**({"loss": bootstrap_mean(tr.token_loss)} if tr.token_loss is not None else {}), **prepared["metrics"]},
         "versions": {"reportgen": __import__("reportgen._version", fromlist=["_"]).__version__, "torch": torch.__version__.split("+")[0],
                      "transformer_lens": _version("transformer-lens"),
-                     **({"sae_lens": _version("sae-lens")} if prepared["sae_info"] else {})},
+                     **({"sae_lens": _version("sae-lens")} if prepared["sae_infos"] else {})},
     }
     return meta
+
+
+def prompt_tokens(opts, params, subject, n_ctx: int) -> list:
+    """The prompts of the SAE view (--prompt, --prompt-file, sae_features.prompts) as token id arrays, each
+    within the model's context."""
+    from ..data.tokens import encode_text
+
+    texts = [(t, "--prompt") for t in list(params["sae_features"].prompts) + list(opts.prompts or [])]
+    for f in opts.prompt_files or []:
+        try:
+            texts.append((Path(f).read_text(encoding="utf-8").rstrip("\n"), f))
+        except UnicodeDecodeError as e:
+            raise ReportgenError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    out = []
+    for text, where in texts:
+        ids = encode_text(text, subject.vocab, subject.byte_level, subject.encode, where)
+        if not len(ids):
+            raise ReportgenError(f"{where}: the prompt is empty")
+        if len(ids) > n_ctx:
+            raise ReportgenError(f"{where}: the prompt has {len(ids)} tokens, longer than the model's context ({n_ctx})")
+        out.append(ids)
+    return out
 
 
 def sae_source(info: dict | None, ref) -> dict | None:
@@ -353,8 +393,8 @@ def lm_context(meta: dict, prepared: dict) -> dict:
            f"{Path(meta['dataset']['path']).name}}}\n}}")
     shapes = {"tokens": tr.tokens.shape, "inputs": tr.inputs.shape, "scored": tr.scored.shape, "targets": tr.targets.shape,
               **{k: v.shape for k, v in tr.arrays.items()}}
-    note = sae_note(meta["sae"], f"{meta['run']}/{meta['name']}")
-    return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": s.notes + ([note] if note else []),
+    notes = [n for n in (sae_note(x, f"{meta['run']}/{meta['name']}") for x in meta.get("saes") or []) if n]
+    return {"meta": meta, "title": title, "config_rows": s.config_rows, "run_rows": [], "notes": s.notes + notes,
             "sections": prepared["sections"], "bibtex": bib, "site_root": "../../", "kind_title": "Language-model report",
             "config_caption": f"({meta['checkpoint']['format']} checkpoint)",
             "trace_note": " (N sequences of T tokens, S shown sequences, k top predictions)",

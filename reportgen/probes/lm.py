@@ -30,12 +30,12 @@ first `n_act` rows also feed the activation analyses (attention entropy, SAE cod
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import ReportgenError
+from .common import layer_of, loss_terms  # noqa: F401 - also used from here by kinds and tests
 
 F32 = 4
 DEFAULT_BUDGET = 2 * 2**30
@@ -58,7 +58,8 @@ class LMTrace:
     activations: dict = field(default_factory=dict)  # hook point -> its reduced statistics ("activations" needs)
     gradients: list | None = None  # (parameter name, grad norm)  ("gradients" need)
     run_from: dict | None = None  # top-1 readout of vectors run from a layer ("run_from_layer" need)
-    sae: dict | None = None  # codes, reconstruction and spliced-in loss of an SAE ("sae" need)
+    sae: list | None = None  # per SAE: streamed feature statistics, reconstruction, spliced-in loss ("sae" need)
+    token_predictions: dict | None = None  # top predictions at every activation token (the "sae" need's top_predictions)
 
     def save(self, path) -> None:
         np.savez_compressed(path, tokens=self.tokens.astype(np.int32), inputs=self.inputs.astype(np.int32),
@@ -88,10 +89,6 @@ def merge_needs(needs: list[dict]) -> dict:
                 out[k] = v
     return out
 
-
-def layer_of(hook_name: str) -> int | None:
-    m = re.match(r"blocks\.(\d+)\.", hook_name)
-    return int(m.group(1)) if m else None
 
 
 # ---------------------------------------------------------------- memory budget
@@ -133,16 +130,6 @@ def batch_size(per_item: int, budget: int, cap: int | None = None) -> int:
 
 
 # ---------------------------------------------------------------- the pass
-
-
-def loss_terms(logits, targets, scored):
-    """(cross-entropy per scored position [n] float32, top-1 hits there) from one batch's logits."""
-    import torch
-
-    lg = logits[scored].float()  # [n, V]
-    t = targets[scored]
-    ce = torch.logsumexp(lg, -1) - lg.gather(-1, t[:, None]).squeeze(-1)
-    return ce, int((lg.argmax(-1) == t).sum().item())
 
 
 def probe_lm(subject, tokens: np.ndarray, inputs: np.ndarray, scored: np.ndarray, needs: dict, device: str,
@@ -198,14 +185,20 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
            "min": torch.full((L, H), float("inf")), "max": torch.full((L, H), float("-inf"))}
     seq_ent = np.zeros((n_act, L, H), dtype=np.float64) if att else None  # per-sequence mean entropy
     pattern = torch.zeros(L, H, shown, shown)
-    want_sae = sae is not None and "sae" in needs
-    hook = sae.cfg.metadata.hook_name if want_sae else None
-    sae_rows, sae_cols, sae_vals, err_sq = [], [], [], 0.0
-    loss_seqs = min(int(needs.get("sae", {}).get("loss_seqs", 8)), n_act) if want_sae else 0
-    kept_acts = []  # hook activations of the first loss_seqs sequences, for the spliced-in loss
-    x_sum = x_sq = None
+    from .sae import FeatureStream, Spliced
+
+    sn = needs.get("sae", {})
+    saes = [] if sae is None or "sae" not in needs else [x if isinstance(x, Spliced) else Spliced(x)
+                                                          for x in (sae if isinstance(sae, (list, tuple)) else [sae])]
+    want_sae = bool(saes)
+    loss_seqs = min(int(sn.get("loss_seqs", 8)), n_act) if want_sae else 0
+    var_seqs = min(int(sn.get("variance_seqs", 64)), n_act) if want_sae else 0
+    n_pred = int(sn.get("top_predictions", 0)) if want_sae else 0  # top predictions at every activation token
+    streams = [FeatureStream(sp.d_sae, T, int(sn.get("top_k", 10)), int(sn.get("reservoir", 48)), int(sn.get("context", 8)),
+                             int(sn.get("cooc_tokens", 1 << 17)), device, seed=int(sn.get("seed", 0))) for sp in saes]
+    recon = [{"err": 0.0, "sum": None, "sq": None} for _ in saes]
+    held = {}
     state = {"lo": 0}
-    var_seqs = min(int(needs.get("sae", {}).get("variance_seqs", 64)), n_act) if want_sae else 0
 
     def on_pattern(p, hook):  # [B,H,q,k]
         li = layer_of(hook.name)
@@ -219,42 +212,52 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
         if lo <= sample < lo + p.shape[0]:
             pattern[li] = p[sample - lo, :, :shown, :shown].float().cpu()
 
-    def on_sae(x, hook):  # [B,T,d_in]
-        nonlocal err_sq, x_sum, x_sq
-        flat = x.reshape(-1, x.shape[-1]).float()
-        f = sae.encode(flat)
-        nz = f.nonzero()
-        v = f[nz[:, 0], nz[:, 1]]
-        lo = state["lo"]
-        if lo < var_seqs:  # reconstruction error on the first var_seqs sequences (a dense decode costs an encode)
+    def on_sae_in(i):
+        sp = saes[i]
+
+        def hook_fn(x, hook):
+            f = sp.encode(sp.flat(x))
+            streams[i].update(f, state["lo"] * T)
+            if sp.transcoder:
+                held[i] = f
+            else:
+                on_target(i, f, x)
+        return hook_fn
+
+    def on_sae_out(i):
+        def hook_fn(x, hook):
+            on_target(i, held.pop(i), x)
+        return hook_fn
+
+    def on_target(i, f, x):  # reconstruction error on the first var_seqs sequences (a dense decode costs an encode)
+        lo, r = state["lo"], recon[i]
+        if lo < var_seqs:
             m = min(var_seqs - lo, x.shape[0]) * T
-            sub = flat[:m]
-            err_sq += (sae.decode(f[:m]) - sub).pow(2).sum().item()
-            x_sum = sub.sum(0) if x_sum is None else x_sum + sub.sum(0)
-            x_sq = sub.pow(2).sum(0) if x_sq is None else x_sq + sub.pow(2).sum(0)
-        base = lo * T
-        sae_rows.append((nz[:, 0] + base).cpu())
-        sae_cols.append(nz[:, 1].cpu())
-        sae_vals.append(v.float().cpu())
-        if lo < loss_seqs:
-            kept_acts.append(x[: loss_seqs - lo].clone())
+            sub = saes[i].flat(x)[:m].float()
+            r["err"] += (saes[i].decode(f[:m]).float().reshape(sub.shape) - sub).pow(2).sum().item()
+            r["sum"] = sub.sum(0) if r["sum"] is None else r["sum"] + sub.sum(0)
+            r["sq"] = sub.pow(2).sum(0) if r["sq"] is None else r["sq"] + sub.pow(2).sum(0)
 
     hooks = []
     if att:
         hooks += [(f"blocks.{i}.{PATTERN}", on_pattern) for i in range(L)]
-    if want_sae:
-        hooks.append((hook, on_sae))
+    for i, sp in enumerate(saes):
+        hooks.append((sp.hook, on_sae_in(i)))
+        if sp.transcoder:
+            hooks.append((sp.out_hook, on_sae_out(i)))
     # Logits over every sequence only when an analysis reads them; an SAE alone stops after its hook layer
     # (the sequences of its clean / spliced loss still run whole).
-    full = bool(att) or "logits" in needs or not want_sae or layer_of(hook) is None
-    stop = None if full else layer_of(hook) + 1
-    d_sae = int(sae.cfg.d_sae) if want_sae else 0
+    last = [layer_of(h) for sp in saes for h in (sp.hook, sp.out_hook)]
+    full = bool(att) or "logits" in needs or not want_sae or n_pred > 0 or None in last
+    stop = None if full else max(last) + 1
+    d_sae = sum(sp.d_sae for sp in saes)
     end = max(n_eval, n_act) if full else n_act
     B = min(batch_size(forward_bytes(cfg, T, logits=full or loss_seqs > 0, d_sae=d_sae), budget, max_batch), max(end, 1))
     cuts = sorted({0, n_act, end} | ({loss_seqs} if stop is not None else set()))
     batches = [(lo, min(lo + B, b)) for a, b in zip(cuts, cuts[1:]) for lo in range(a, b, B)]
     token_loss, hits, clean = [], 0, [0.0, 0]
     top_ids, top_probs = [], []
+    pred_ids, pred_probs = [], []
     with torch.inference_mode():
         for lo, hi in batches:
             state["lo"] = lo
@@ -276,6 +279,10 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
                     ce, h = loss_terms(logits[:r], tg[:r], sc[:r])
                     token_loss.append(ce.cpu().numpy())
                     hits += h
+                if n_pred and lo < n_act:
+                    pr = logits[: n_act - lo].float().softmax(-1).topk(n_pred, dim=-1)
+                    pred_ids.append(pr.indices.to(torch.int32).cpu())
+                    pred_probs.append(pr.values.to(torch.float16).cpu())
                 if lo < S and full:
                     pr = logits[: S - lo].float().softmax(-1).topk(k, dim=-1)
                     top_ids.append(pr.indices.cpu())
@@ -309,10 +316,13 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
     if "run_from_layer" in needs:
         need = needs["run_from_layer"]
         trace.run_from = run_from_layer(model, need, device, run_from_batch(need, cfg, budget))
+    if n_pred:
+        trace.token_predictions = {"ids": torch.cat(pred_ids).numpy(), "probs": torch.cat(pred_probs).numpy()}
     if want_sae:
-        trace.sae = sae_summary(model, sae, hook, n_act * T, torch.cat(sae_rows), torch.cat(sae_cols), torch.cat(sae_vals),
-                                err_sq, x_sum, x_sq, var_seqs * T, kept_acts, inputs[:loss_seqs], targets[:loss_seqs],
-                                scored[:loss_seqs], clean, device, B)
+        from .sae import finish
+
+        trace.sae = finish(model, saes, streams, recon, var_seqs * T, sn, inputs[:n_act], targets[:n_act],
+                           scored[:loss_seqs], clean, loss_seqs, device, B)
     return trace
 
 
@@ -375,50 +385,6 @@ def run_from_layer(model, need: dict, device: str, batch: int | None = None) -> 
             probs[lo:lo + len(v)] = p.values.cpu().numpy()
     return {"ids": ids, "probs": probs, "layer": layer, "batch_size": B,
             "vectors": dict(getattr(need["vectors"], "spec", {}))}  # how the vectors were made, when they say
-
-
-def sae_summary(model, sae, hook: str, n_tokens: int, rows, cols, vals, err_sq, x_sum, x_sq, var_tokens, kept_acts,
-                inputs, targets, scored, clean, device, batch: int) -> dict:
-    """Sparse codes over all tokens, reconstruction quality and the spliced-in / zero-ablated loss."""
-    import torch
-
-    d_sae = int(sae.cfg.d_sae)
-    var = (x_sq - x_sum ** 2 / var_tokens).sum().item()
-    explained = 1.0 - err_sq / var if var > 0 else float("nan")
-    losses = {}
-    if len(inputs) and clean[1]:
-        losses["clean"] = clean[0] / clean[1]
-        acts = torch.cat(kept_acts)
-        li = layer_of(hook)
-        sums = {"sae": 0.0, "zero": 0.0}
-        with torch.inference_mode():
-            for lo in range(0, len(inputs), batch):  # in the probe's batches: one batch's logits at a time
-                a = acts[lo:lo + batch]
-                x = torch.as_tensor(inputs[lo:lo + batch], device=device)
-                tg = torch.as_tensor(targets[lo:lo + batch], device=device)
-                sc = torch.as_tensor(scored[lo:lo + batch], device=device)
-                recon = sae.decode(sae.encode(a.reshape(-1, a.shape[-1]).float())).reshape(a.shape)
-                for name, repl in (("sae", recon), ("zero", torch.zeros_like(a))):
-                    if hook.endswith("hook_resid_post") and li is not None:
-                        logits = model(repl.to(a.dtype), start_at_layer=li + 1)
-                    elif hook.endswith("hook_resid_pre") and li is not None:
-                        logits = model(repl.to(a.dtype), start_at_layer=li)
-                    else:
-                        logits = model.run_with_hooks(x, fwd_hooks=[(hook, lambda _, hook, r=repl: r.to(a.dtype))])
-                    ce, _ = loss_terms(logits, tg, sc)
-                    sums[name] += ce.double().sum().item()
-                    del logits
-        for name, s in sums.items():
-            losses[name] = s / clean[1]
-    W_dec = sae.W_dec.detach().float()
-    effects = (W_dec @ model.W_U.detach().float())  # [d_sae, V] direct logit effect
-    kk = min(10, effects.shape[1])
-    pos, neg = effects.topk(kk, dim=1), (-effects).topk(kk, dim=1)
-    return {"hook": hook, "d_sae": d_sae, "d_in": int(sae.cfg.d_in), "n_tokens": n_tokens,
-            "rows": rows.numpy().astype(np.int64), "cols": cols.numpy().astype(np.int32),
-            "vals": vals.numpy().astype(np.float32), "explained_variance": explained, "variance_tokens": int(var_tokens), "losses": losses,
-            "loss_seqs": int(len(inputs)), "loss_tokens": int(clean[1]), "logit_pos_ids": pos.indices.numpy(), "logit_pos": pos.values.numpy(),
-            "logit_neg_ids": neg.indices.numpy(), "logit_neg": -neg.values.numpy()}
 
 
 def run_from_batch(need: dict, cfg, budget: int) -> int:

@@ -1,0 +1,422 @@
+"""The SAE part of the language-model probe: one or more SAELens SAEs (or transcoders) read while the model runs.
+
+`Spliced` wraps one SAE: where it reads (`metadata.hook_name`), where its reconstruction belongs
+(`metadata.hook_name_out` for a transcoder, else the same hook), and SAELens's own `encode` / `decode` on
+flattened activations (`hook_z` SAEs see the heads concatenated, as SAELens reshapes them).
+
+`FeatureStream` keeps per-feature statistics of the codes batch by batch in memory that does not grow with
+the number of tokens: counts, sums and maxima; a log-binned activation histogram (48 bins a decade over
+1e-5..1e5); the top-k activations and a uniform sample of every feature's firings (bottom-k random keys, a
+reservoir), each with the feature's activations on the tokens around it; the per-token L0; and the sparse
+codes of a bounded prefix of tokens for co-occurrence. What the page shows comes from these.
+
+After the pass, `finish` adds what needs the model again on a few sequences: the loss with the SAE spliced
+in and zero-ablated, the loss change of ablating each chosen feature on its top contexts, the prompts'
+token × feature view, and what comes from the weights alone: logit tables through the unembedding and
+nearest features by decoder cosine similarity.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LOG_LO, LOG_HI, PER_DECADE = -5, 5, 48
+N_BINS = (LOG_HI - LOG_LO) * PER_DECADE
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+
+
+def bin_edges() -> np.ndarray:
+    """Activation values at the edges of the histogram's log bins (the first and last bins also hold what
+    lies beyond them)."""
+    return 10.0 ** (LOG_LO + np.arange(N_BINS + 1) / PER_DECADE)
+
+
+class Spliced:
+    """One SAE as the probe uses it."""
+
+    def __init__(self, sae, name: str = ""):
+        c = sae.cfg
+        self.sae, self.name = sae, name
+        self.arch = c.architecture()
+        self.hook = c.metadata.hook_name
+        self.transcoder = self.arch in TRANSCODERS or hasattr(sae, "d_out")
+        self.out_hook = (c.metadata.hook_name_out or self.hook) if self.transcoder else self.hook
+        self.head = c.metadata.hook_head_index
+        self.d_sae, self.d_in = int(c.d_sae), int(c.d_in)
+        if getattr(sae, "hook_z_reshaping_mode", False):  # we flatten [.., heads, d_head] ourselves
+            sae.turn_off_forward_pass_hook_z_reshaping()
+
+    def flat(self, x):
+        """[B,T,...] activations at a hook -> [B*T, width] (one head of hook_z when the SAE reads one)."""
+        if self.head is not None and x.ndim == 4:
+            x = x[:, :, int(self.head)]
+        return x.reshape(x.shape[0] * x.shape[1], -1)
+
+    def encode(self, flat):
+        return self.sae.encode(flat.to(self.sae.dtype))
+
+    def decode(self, f):
+        return self.sae.decode(f)
+
+    def replace(self, x, new_flat):
+        """x with the SAE's part (all of it, or its head) replaced by `new_flat` [B*T, width]."""
+        B, T = x.shape[:2]
+        if self.head is not None and x.ndim == 4:
+            out = x.clone()
+            out[:, :, int(self.head)] = new_flat.reshape(B, T, -1).to(x.dtype)
+            return out
+        return new_flat.reshape(x.shape).to(x.dtype)
+
+    def decoder_rows(self, ids):
+        return self.sae.W_dec.detach()[ids].float()
+
+
+class _Best:
+    """For each of d features, the K entries of highest score seen so far (ties: the earlier token), with the
+    entry's token index, activation and the feature's activations on the 2c+1 tokens around it (NaN beyond the
+    sequence). Rows stay sorted best first."""
+
+    def __init__(self, d: int, K: int, c: int, device):
+        import torch
+
+        self.K, self.c = K, c
+        self.score = torch.full((d, K), -math.inf, device=device)
+        self.tok = torch.full((d, K), -1, dtype=torch.int64, device=device)
+        self.val = torch.zeros((d, K), device=device)
+        self.win = torch.full((d, K, 2 * c + 1), math.nan, dtype=torch.float16, device=device)
+
+    def offer(self, cols, score, tok, val, f, base: int, T: int):
+        import torch
+
+        keep = score > self.score[cols, -1]
+        if not bool(keep.any()):
+            return
+        cols, score, tok, val = cols[keep], score[keep], tok[keep], val[keep]
+        o = torch.argsort(score, descending=True, stable=True)  # entries arrive in token order
+        o = o[torch.argsort(cols[o], stable=True)]
+        cols, score, tok, val = cols[o], score[o], tok[o], val[o]
+        feats, inv, cnt = torch.unique_consecutive(cols, return_inverse=True, return_counts=True)
+        start = torch.cumsum(cnt, 0) - cnt
+        rank = torch.arange(len(cols), device=cols.device) - start[inv]
+        k = rank < self.K
+        cols, score, tok, val, inv, rank = cols[k], score[k], tok[k], val[k], inv[k], rank[k]
+        m = len(feats)
+        cs = torch.full((m, self.K), -math.inf, device=score.device)
+        ct = torch.full((m, self.K), -1, dtype=torch.int64, device=score.device)
+        cv = torch.zeros((m, self.K), device=score.device)
+        cw = torch.full((m, self.K, 2 * self.c + 1), math.nan, dtype=torch.float16, device=score.device)
+        cs[inv, rank], ct[inv, rank], cv[inv, rank] = score, tok, val
+        local = tok - base
+        seq, pos = local // T, local % T
+        q = pos[:, None] + torch.arange(-self.c, self.c + 1, device=pos.device)
+        inside = (q >= 0) & (q < T)
+        w = f[(seq * T)[:, None] + q.clamp(0, T - 1), cols[:, None]].float()
+        cw[inv, rank] = torch.where(inside, w, torch.full_like(w, math.nan)).to(torch.float16)
+        S = torch.cat([self.score[feats], cs], 1)
+        order = torch.argsort(S, dim=1, descending=True, stable=True)[:, :self.K]
+        self.score[feats] = S.gather(1, order)
+        self.tok[feats] = torch.cat([self.tok[feats], ct], 1).gather(1, order)
+        self.val[feats] = torch.cat([self.val[feats], cv], 1).gather(1, order)
+        W = torch.cat([self.win[feats], cw], 1)
+        self.win[feats] = W.gather(1, order[:, :, None].expand(-1, -1, W.shape[2]))
+
+
+class FeatureStream:
+    """Streaming statistics of one SAE's codes (see the module docstring)."""
+
+    def __init__(self, d: int, T: int, top_k: int, reservoir: int, context: int, cooc_tokens: int, device,
+                 seed: int = 0):
+        import torch
+
+        self.d, self.T, self.cooc_tokens = d, T, cooc_tokens
+        self.count = torch.zeros(d, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(d, dtype=torch.float64, device=device)
+        self.max = torch.zeros(d, device=device)
+        self.hist = torch.zeros(d * N_BINS, dtype=torch.int32, device=device)
+        self.top = _Best(d, top_k, context, device)
+        self.sample = _Best(d, reservoir, context, device)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.n_tokens, self.l0_sum, self.l0_sq = 0, 0.0, 0.0
+        self.cooc = []  # (token, feature) int32 pairs of the first cooc_tokens tokens
+
+    def update(self, f, base: int) -> None:
+        """Codes f [n, d] of tokens base .. base+n-1 (whole sequences of T tokens)."""
+        import torch
+
+        rows, cols = f.nonzero(as_tuple=True)
+        val = f[rows, cols].float()
+        n = f.shape[0]
+        self.n_tokens += n
+        per = torch.bincount(rows, minlength=n).double()
+        self.l0_sum += float(per.sum())
+        self.l0_sq += float((per * per).sum())
+        self.count += torch.bincount(cols, minlength=self.d)
+        self.sum.index_add_(0, cols, val.double())
+        self.max.scatter_reduce_(0, cols, val, "amax")
+        b = ((torch.log10(val.abs().clamp_min(1e-30)) - LOG_LO) * PER_DECADE).floor().clamp_(0, N_BINS - 1).long()
+        self.hist.index_add_(0, cols * N_BINS + b, torch.ones_like(b, dtype=torch.int32))
+        tok = rows + base
+        self.top.offer(cols, val, tok, val, f, base, self.T)
+        key = torch.rand(len(val), generator=self.gen, device=val.device)
+        self.sample.offer(cols, -key, tok, val, f, base, self.T)
+        if base < self.cooc_tokens:
+            m = tok < self.cooc_tokens
+            self.cooc.append(torch.stack([tok[m], cols[m]], 1).to(torch.int32).cpu())
+
+    def result(self) -> dict:
+        import torch
+
+        n = max(self.n_tokens, 1)
+        mean = self.l0_sum / n
+        var = (self.l0_sq - n * mean * mean) / (n - 1) if n > 1 else 0.0
+        cooc = torch.cat(self.cooc).numpy() if self.cooc else np.zeros((0, 2), np.int32)
+        out = {"n_tokens": self.n_tokens, "l0": mean, "l0_std": math.sqrt(max(var, 0.0)),
+               "count": self.count.cpu().numpy(), "sum": self.sum.cpu().numpy(), "max": self.max.cpu().numpy(),
+               "hist": self.hist.reshape(self.d, N_BINS).cpu().numpy(), "cooc": cooc,
+               "cooc_tokens": min(self.cooc_tokens, self.n_tokens)}
+        for name, best in (("top", self.top), ("sample", self.sample)):
+            out[f"{name}_tok"] = best.tok.cpu().numpy()
+            out[f"{name}_val"] = best.val.cpu().numpy()
+            out[f"{name}_win"] = best.win.float().cpu().numpy()
+        return out
+
+
+def logit_tables(model, sp: Spliced, k: int = 10, chunk: int = 1024) -> dict:
+    """Top / bottom k tokens of each feature's decoder direction read through the unembedding, and how: the
+    direction in the residual stream (hook_z through the layer's W_O), then the final norm where it can be
+    folded (centring for LayerNorm, its weights for LN/RMS), then W_U. Chunked over features (d_sae x d_vocab
+    need not fit)."""
+    import torch
+
+    from .common import layer_of
+
+    cfg = model.cfg
+    W_U = model.W_U.detach().float()
+    how = []
+    li = layer_of(sp.out_hook)
+    W_O = None
+    if sp.out_hook.endswith("hook_z") and li is not None:
+        W_O = model.blocks[li].attn.W_O.detach().float()  # [H, d_head, d_model]
+        how.append(f"through blocks.{li}.attn.W_O")
+    norm = cfg.normalization_type
+    center = norm in ("LN", "LNPre")
+    scale = None
+    if norm in ("LN", "RMS") and hasattr(model, "ln_final") and hasattr(model.ln_final, "w"):
+        scale = model.ln_final.w.detach().float()
+        how.append("through the final norm's " + ("centring and weights" if center else "weights"))
+    elif norm in ("LNPre", "RMSPre"):
+        how.append("through the final norm" + (" (centring; its weights are folded into W_U)" if center else
+                                               " (its weights are folded into W_U)"))
+    else:
+        how.append("straight into W_U (the model has no final norm)")
+    how.append("ignoring later layers and the norm's per-token scale")
+    d = sp.d_sae
+    kk = min(k, W_U.shape[1])
+    pos_i = np.zeros((d, kk), np.int64)
+    pos_v = np.zeros((d, kk), np.float32)
+    neg_i, neg_v = pos_i.copy(), pos_v.copy()
+    with torch.inference_mode():
+        for lo in range(0, d, chunk):
+            D = sp.decoder_rows(slice(lo, min(lo + chunk, d)))
+            if W_O is not None:
+                H = W_O.shape[0]
+                D = torch.einsum("fhe,hem->fm", D.reshape(D.shape[0], H, -1), W_O) if sp.head is None else \
+                    D @ W_O[int(sp.head)]
+            if center:
+                D = D - D.mean(-1, keepdim=True)
+            if scale is not None:
+                D = D * scale
+            E = D.to(W_U.device) @ W_U
+            p, q = E.topk(kk, dim=1), (-E).topk(kk, dim=1)
+            pos_i[lo:lo + len(E)], pos_v[lo:lo + len(E)] = p.indices.cpu().numpy(), p.values.cpu().numpy()
+            neg_i[lo:lo + len(E)], neg_v[lo:lo + len(E)] = q.indices.cpu().numpy(), -q.values.cpu().numpy()
+    return {"logit_pos_ids": pos_i, "logit_pos": pos_v, "logit_neg_ids": neg_i, "logit_neg": neg_v,
+            "logit_how": ", ".join(how)}
+
+
+def neighbours(sp: Spliced, k: int = 6, chunk: int = 2048) -> dict:
+    """Each feature's k nearest other features by cosine similarity of decoder directions (chunked)."""
+    import torch
+
+    W = sp.decoder_rows(slice(None))
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    d = W.shape[0]
+    kk = min(k, d - 1)
+    ids = np.zeros((d, max(kk, 0)), np.int64)
+    cos = np.zeros((d, max(kk, 0)), np.float32)
+    if kk <= 0:
+        return {"near_ids": ids, "near_cos": cos}
+    with torch.inference_mode():
+        for lo in range(0, d, chunk):
+            C = W[lo:lo + chunk] @ W.T
+            C[torch.arange(len(C)), torch.arange(lo, lo + len(C))] = -math.inf
+            t = C.topk(kk, dim=1)
+            ids[lo:lo + len(C)], cos[lo:lo + len(C)] = t.indices.cpu().numpy(), t.values.cpu().numpy()
+    return {"near_ids": ids, "near_cos": cos}
+
+
+def head_shares(sp: Spliced, model) -> np.ndarray | None:
+    """For an SAE on all heads of hook_z: each feature's share of its decoder norm² per head [d_sae, H]."""
+    if not sp.out_hook.endswith("hook_z") or sp.head is not None:
+        return None
+    H = model.cfg.n_heads
+    W = sp.decoder_rows(slice(None))
+    if W.shape[1] % H:
+        return None
+    sq = W.reshape(W.shape[0], H, -1).pow(2).sum(-1)
+    return (sq / sq.sum(1, keepdim=True).clamp_min(1e-30)).cpu().numpy().astype(np.float32)
+
+
+def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, batch: int, loss_terms) -> dict:
+    """Summed CE over the scored positions with the SAE's reconstruction, and zeros, in place of its output hook."""
+    import torch
+
+    sums = {"sae": 0.0, "zero": 0.0}
+    with torch.inference_mode():
+        for lo in range(0, len(inputs), batch):
+            x = torch.as_tensor(inputs[lo:lo + batch], device=device)
+            tg = torch.as_tensor(targets[lo:lo + batch], device=device)
+            sc = torch.as_tensor(scored[lo:lo + batch], device=device)
+            for name in sums:
+                logits = model.run_with_hooks(x, fwd_hooks=_splice_hooks(sp, name))
+                ce, _ = loss_terms(logits, tg, sc)
+                sums[name] += ce.double().sum().item()
+                del logits
+    return sums
+
+
+def _splice_hooks(sp: Spliced, mode: str, ablate=None):
+    """Hooks that put the SAE into the model: mode "sae" (its reconstruction), "zero" (zeros), or "ablate"
+    (the activations less `ablate` = (feature ids per row, ) times their decoder rows)."""
+    import torch
+
+    held = {}
+
+    def read(x, hook):
+        held["f"] = sp.encode(sp.flat(x))
+
+    def write(x, hook):
+        if mode == "zero":
+            return torch.zeros_like(x)
+        f = held["f"] if sp.transcoder else sp.encode(sp.flat(x))
+        if mode == "sae":
+            return sp.replace(x, sp.decode(f))
+        ids = ablate.to(f.device)  # one feature per sequence
+        B, T = x.shape[:2]
+        a = f.reshape(B, T, -1).gather(2, ids[:, None, None].expand(B, T, 1))  # [B,T,1]
+        delta = a * sp.decoder_rows(ids)[:, None, :].to(a.dtype)  # [B,T,width]
+        return sp.replace(x, sp.flat(x).float() - delta.reshape(B * T, -1).float())
+
+    return ([(sp.hook, read)] if sp.transcoder else []) + [(sp.out_hook, write)]
+
+
+def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: str, batch: int, context: int) -> list:
+    """For (feature, token index) pairs, the change of the per-token loss (the target's negative log-probability,
+    at every position) on the 2*context+1 tokens around the token when the feature is ablated in its whole
+    sequence: the activations less the feature's activation times its decoder row (the SAE's error kept)."""
+    import torch
+
+    T = inputs.shape[1]
+    seqs = sorted({int(t) // T for _, t in pairs})
+    clean = {}
+    out = []
+
+    def nll(logits, tg):
+        lp = logits.float().log_softmax(-1)
+        return -lp.gather(-1, tg[..., None]).squeeze(-1)
+
+    with torch.inference_mode():
+        for lo in range(0, len(seqs), batch):
+            s = seqs[lo:lo + batch]
+            x = torch.as_tensor(inputs[s], device=device)
+            tg = torch.as_tensor(targets[s], device=device)
+            for si, row in zip(s, nll(model(x), tg).cpu().numpy()):
+                clean[si] = row
+        for lo in range(0, len(pairs), batch):
+            chunk = pairs[lo:lo + batch]
+            s = [int(t) // T for _, t in chunk]
+            x = torch.as_tensor(inputs[s], device=device)
+            tg = torch.as_tensor(targets[s], device=device)
+            ids = torch.as_tensor([int(j) for j, _ in chunk], device=device)
+            ab = nll(model.run_with_hooks(x, fwd_hooks=_splice_hooks(sp, "ablate", ids)), tg).cpu().numpy()
+            for (j, t), si, row in zip(chunk, s, ab):
+                p = int(t) % T
+                a, b = max(0, p - context), min(T, p + context + 1)
+                d = np.full(2 * context + 1, np.nan, np.float32)
+                d[a - p + context:b - p + context] = row[a:b] - clean[si][a:b]
+                out.append(d)
+    return out
+
+
+def prompt_view(model, saes: list, prompts: list, k_feat: int, k_pred: int, device: str) -> list:
+    """Per prompt (token ids): per SAE the k_feat features firing most on each token, and the model's top k_pred
+    predictions at each token."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.as_tensor(np.asarray(ids)[None], device=device)
+            codes = {}
+            hooks = []
+            for i, sp in enumerate(saes):
+                hooks.append((sp.hook, lambda a, hook, i=i, sp=sp: codes.__setitem__(i, sp.encode(sp.flat(a)))))
+            logits = model.run_with_hooks(x, fwd_hooks=hooks)[0].float()
+            pr = logits.softmax(-1).topk(min(k_pred, logits.shape[-1]), dim=-1)
+            per = []
+            for i, sp in enumerate(saes):
+                f = codes[i].float()
+                t = f.topk(min(k_feat, f.shape[1]), dim=1)
+                per.append({"ids": t.indices.cpu().numpy(), "vals": t.values.cpu().numpy()})
+            out.append({"tokens": np.asarray(ids), "pred_ids": pr.indices.cpu().numpy(),
+                        "pred_probs": pr.values.cpu().numpy(), "saes": per})
+    return out
+
+
+def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need: dict, inputs, targets, scored_loss,
+           clean: list, loss_seqs: int, device: str, batch: int) -> list:
+    """One summary per SAE: the streamed statistics, reconstruction quality, spliced-in / zero-ablated loss,
+    logit tables, decoder neighbours; the chosen features' ablation effects; the prompts' view."""
+    from .common import loss_terms
+
+    out = []
+    for sp, st, r in zip(saes, streams, recon):
+        s = st.result()
+        if r["sum"] is not None and var_tokens:
+            var = (r["sq"] - r["sum"] ** 2 / var_tokens).sum().item()
+            s["explained_variance"] = 1.0 - r["err"] / var if var > 0 else float("nan")
+        else:
+            s["explained_variance"] = float("nan")
+        s["variance_tokens"] = int(var_tokens)
+        losses = {}
+        if loss_seqs and clean[1]:
+            losses["clean"] = clean[0] / clean[1]
+            for name, v in spliced_losses(model, sp, inputs[:loss_seqs], targets[:loss_seqs], scored_loss, device,
+                                          batch, loss_terms).items():
+                losses[name] = v / clean[1]
+        s.update({"losses": losses, "loss_seqs": int(loss_seqs), "loss_tokens": int(clean[1]), "hook": sp.hook,
+                  "out_hook": sp.out_hook, "transcoder": sp.transcoder, "architecture": sp.arch, "name": sp.name,
+                  "d_sae": sp.d_sae, "d_in": sp.d_in, "head": sp.head})
+        s.update(logit_tables(model, sp, int(need.get("logits", 10))))
+        s.update(neighbours(sp, int(need.get("neighbours", 6))))
+        s["head_shares"] = head_shares(sp, model)
+        choose = need.get("choose")
+        chosen = [int(j) for j in choose(s)] if choose else []
+        s["chosen"] = chosen
+        per = int(need.get("ablate", 0))
+        pairs = [(j, int(t)) for j in chosen for t in s["top_tok"][j][:per] if t >= 0]
+        s["ablation"] = {}
+        if pairs:
+            eff = ablation_effects(model, sp, pairs, inputs, targets, device, batch, int(need.get("context", 8)))
+            for (j, t), e in zip(pairs, eff):
+                s["ablation"].setdefault(j, {})[t] = e
+        out.append(s)
+    prompts = need.get("prompts") or []
+    if prompts:
+        view = prompt_view(model, saes, prompts, int(need.get("prompt_features", 5)), max(int(need.get("top_predictions", 3)), 1),
+                           device)
+        for i, s in enumerate(out):
+            s["prompts"] = [{"tokens": p["tokens"], "pred_ids": p["pred_ids"], "pred_probs": p["pred_probs"],
+                             **p["saes"][i]} for p in view]
+    return out
