@@ -51,7 +51,7 @@ class Params:
     bins: int = 24  # bins of each feature's activation histogram
     logits: int = 8  # top / bottom logit tokens per feature
     neighbours: int = 5  # nearest features by decoder cosine similarity, and co-occurring features
-    ablate: int = 2  # top contexts per card on which the feature is ablated (0: none)
+    ablate: int = 1  # top contexts per card on which the feature is ablated (0: none)
     loss_seqs: int = 8  # sequences for the spliced-in and zero-ablated loss
     variance_seqs: int = 64  # sequences the explained variance is measured on (a dense decode costs an encode)
     cooc_tokens: int = 131072  # tokens whose codes are kept for co-occurrence
@@ -59,7 +59,7 @@ class Params:
     prompts: list = field(default_factory=list)  # prompt texts for the token × feature view (--prompt)
     prompt_features: int = 5  # features shown per prompt token
     index: bool = True  # the table of every live feature
-    pdf_cards: int = 16  # cards the PDF shows in full (the HTML shows all; the PDF lists every feature in the index)
+    pdf_cards: int = 8  # cards the PDF shows (top 4 contexts, one per interval; the HTML shows all in full)
 
     def __post_init__(self):
         if self.rank_by not in RANKS:
@@ -180,17 +180,17 @@ def _hover(trace, blocks: list) -> dict | None:
     for b in blocks:
         for f in b["features"]:
             for x in f["examples"] + [e for iv in f["intervals"] for e in iv["examples"]]:
-                shown.update(range(x["o"], x["o"] + len(x["tokens"])))
+                shown.update(range(x["o"], x["o"] + len(x["t"])))
     pos = np.array(sorted(p for p in shown if p < n * T), dtype=np.int64)
     dense = len(pos) >= 0.4 * n * T
     if dense:
         pos = np.arange(n * T)
     fi, fp = ids.reshape(-1, k)[pos], probs.reshape(-1, k)[pos].astype(np.float32)
     used, inv = np.unique(fi, return_inverse=True)
-    wide = len(used) > 65535
+    size = "<u1" if len(used) <= 256 else "<u2" if len(used) <= 65536 else "<u4"
     b64 = lambda a: base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()  # noqa: E731
     return {"k": int(k), "pos": None if dense else b64(pos.astype("<u4")),
-            "ids": b64(inv.reshape(-1).astype("<u4" if wide else "<u2")), "wide": wide,
+            "ids": b64(inv.reshape(-1).astype(size)), "bytes": int(size[-1]),
             "p": b64(np.clip(np.round(fp * 255), 0, 255).astype(np.uint8)), "tokens": [trace.vocab[int(t)] for t in used]}
 
 
@@ -220,14 +220,15 @@ class _Cooc:
         return len(toks), [(int(f), int(n[f])) for f in best if n[f] > 0]
 
 
-def _context(seq: int, pos: int, win: np.ndarray, flat, T: int, voc, preds, act: float) -> dict:
+def _context(seq: int, pos: int, win: np.ndarray, flat, T: int, voc, act: float) -> dict:
+    """A context window: its tokens' strings `t` and the feature's activations on them `a`; `at` is the
+    activating token's index in it, `o` the flat index of its first token."""
     c = (len(win) - 1) // 2
     lo, hi = max(0, pos - c), min(T, pos + c + 1)
     ids = flat[seq * T + lo: seq * T + hi]
-    acts = np.nan_to_num(win[lo - pos + c: hi - pos + c])
+    acts = np.round(win[lo - pos + c: hi - pos + c].astype(np.float64), 3)  # NaN only beyond the sequence
     return {"sequence": int(seq), "position": int(pos), "activation": round(float(act), 4), "start": int(lo),
-            "o": int(seq * T + lo),
-            "tokens": [{"t": voc[int(t)], "a": round(float(a), 3)} for t, a in zip(ids, acts)], "at": int(pos - lo)}
+            "o": int(seq * T + lo), "t": [voc[t] for t in ids.tolist()], "a": acts.tolist(), "at": int(pos - lo)}
 
 
 def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, preds) -> dict:
@@ -237,10 +238,10 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, p
         if t < 0:
             break
         seq, pos = divmod(int(t), T)
-        x = _context(seq, pos, w, flat, T, voc, preds, v)
+        x = _context(seq, pos, w, flat, T, voc, v)
         if int(t) in abl:
             c = params.context
-            dl = abl[int(t)][x["start"] - pos + c: x["start"] - pos + c + len(x["tokens"])]
+            dl = abl[int(t)][x["start"] - pos + c: x["start"] - pos + c + len(x["t"])]
             x["ablation"] = [None if np.isnan(e) else round(float(e), 4) for e in dl]
         examples.append(x)
     hist = s["hist"][j]
@@ -253,13 +254,13 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, p
     if params.intervals and params.interval_examples and fires > len(examples):
         sv, st, sw = s["sample_val"][j], s["sample_tok"][j], s["sample_win"][j]
         qs = _quantiles(hist, edges, np.linspace(0, 1, params.intervals + 1), top_max)
-        for k in range(params.intervals):
-            a, b = qs[k], qs[k + 1]
-            last = k == params.intervals - 1
-            pick = [(float(v), int(t), w) for v, t, w in zip(sv, st, sw) if t >= 0 and a <= v and (v < b or (last and v <= b))]
-            pick = sorted(pick[: params.interval_examples], key=lambda e: (-e[0], e[1]))
-            intervals.append({"lo": float(a), "hi": float(b), "share": 1.0 / params.intervals,
-                              "examples": [_context(*divmod(t, T), w, flat, T, voc, preds, v) for v, t, w in pick]})
+        ok = st >= 0
+        which = np.clip(np.searchsorted(np.asarray(qs[1:-1]), sv, side="right"), 0, params.intervals - 1)
+        for k in range(params.intervals):  # each interval's first samples (the sample is in random order)
+            sel = np.flatnonzero(ok & (which == k) & (sv >= qs[k]))[: params.interval_examples]
+            sel = sel[np.lexsort((st[sel], -sv[sel]))]
+            intervals.append({"lo": float(qs[k]), "hi": float(qs[k + 1]), "share": 1.0 / params.intervals,
+                              "examples": [_context(*divmod(int(st[i]), T), sw[i], flat, T, voc, float(sv[i])) for i in sel]})
     # the card's histogram: linear bins over [0, max], from the fine log bins (each at its geometric centre)
     centres = np.sqrt(edges[:-1] * edges[1:])
     nb = params.bins

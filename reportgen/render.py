@@ -93,43 +93,33 @@ HEAT_LEVELS = 8
 
 def _ctx(x: dict, peak: float, label: str | None = None) -> str:
     """One context of a feature card as compact HTML (Markup): `<div class="ctx" data-o=FLAT>` holding the
-    activation, then the tokens; neighbours that do not fire are one text run (the page's script splits it on
-    hover: by character when every token of the context is one character, `data-c`, else at U+200B between
-    tokens), a firing token is `<i class="hN" data-a=A>` (N: heat level), the activating token is framed. With
-    an "ablation" list, a second line shades each token by the loss change of ablating the feature (red: the
-    loss rises without it)."""
+    activation, then the tokens. Neighbours that do not fire and show as one character each are one text run
+    (the page's script splits it per character on hover); every other token is an `<i>`: a firing one
+    `<i class="hN" data-a=A>` (N: heat level), the activating token framed. With an "ablation" list, a second
+    line shades each token by the loss change of ablating the feature (red: the loss rises without it)."""
     from markupsafe import Markup, escape
 
-    from .text import show_token
-
-    texts = [str(_tok(t["t"])) for t in x["tokens"]]
-    single = all(len(show_token(t["t"])) == 1 and "<span" not in h for t, h in zip(x["tokens"], texts))
-    sep = "" if single else "\u200b"
+    texts = [_tok_plain(t) for t in x["t"]]
 
     def line(cls: str, attrs: str, head: str, styled) -> str:
-        out = [f'<div class="{cls}"{attrs}{" data-c" if single else ""}><b>{head}</b>']
-        run = []
-        for text, (c, a) in zip(texts, styled):
-            if not c and text and "<" not in text:
-                run.append(text)
-                continue
-            if run:
-                out.append(sep.join(run))
-                run = []
-            out.append(f'<i{f" class={chr(34)}{c}{chr(34)}" if c else ""}{a}>{text}</i>')
-        if run:
-            out.append(sep.join(run))
+        out = [f'<div class="{cls}"{attrs}><b>{head}</b>']
+        for (text, one), (c, a) in zip(texts, styled):
+            if one and not c:
+                out.append(text)
+            else:
+                out.append(f'<i{f" class={chr(34)}{c}{chr(34)}" if c else ""}{a}>{text}</i>')
         out.append("</div>")
         return "".join(out)
 
-    def heat(i, t):
-        a, at = t["a"], i == x["at"]
+    at = x["at"]
+    styled = []
+    for i, a in enumerate(x["a"]):
         lvl = 0 if not peak or a <= 0 else max(1, min(HEAT_LEVELS, round(HEAT_LEVELS * a / peak)))
-        cls = " ".join(c for c in (f"h{lvl}" if lvl else "", "at" if at else "") if c)
-        return cls, f' data-a="{a:.3g}"' if a else ""
-
-    html = line("ctx", f' data-o="{x.get("o", "")}"', escape(label or _num(x["activation"], 2)),
-                [heat(i, t) for i, t in enumerate(x["tokens"])])
+        cls = f"h{lvl}" if lvl else ""
+        if i == at:
+            cls = f"{cls} at" if cls else "at"
+        styled.append((cls, f' data-a="{a:.3g}"' if a else ""))
+    html = line("ctx", f' data-o="{x.get("o", "")}"', escape(label or _num(x["activation"], 2)), styled)
     if x.get("ablation"):
         d = [e for e in x["ablation"] if e is not None]
         worst = max(d, key=abs) if d else 0.0
@@ -144,20 +134,30 @@ def _ctx(x: dict, peak: float, label: str | None = None) -> str:
     return Markup(html)
 
 
+@lru_cache(maxsize=16384)
+def _tok_plain(s: str) -> tuple[str, bool]:
+    """(the token's HTML, whether it shows as exactly one character: such tokens may stand in a text run)."""
+    from .text import show_token
+
+    h = str(_tok(s))
+    return h, len(show_token(s)) == 1 and "<" not in h
+
+
 def _bars(counts: list, width: int = 200, height: int = 36, color: str = "#0969da", marks: list = ()) -> str:
-    """A small bar chart as an SVG data: URI (one image per card: WeasyPrint lays out one box, not one per bar)."""
-    import base64
+    """A small bar chart as an SVG data: URI (one image per card: WeasyPrint lays out one box, not one per bar):
+    the bars as one path, `marks` (fractions of the width) as dashed red lines."""
+    from urllib.parse import quote
 
     peak = max(counts) if counts else 0
     w = width / max(len(counts), 1)
-    rects = "".join(
-        f'<rect x="{i * w + 0.5:.1f}" y="{height - height * c / peak:.1f}" width="{w - 1:.1f}" height="{height * c / peak:.1f}"/>'
-        for i, c in enumerate(counts) if peak and c)
-    ticks = "".join(f'<line x1="{m * width:.1f}" y1="0" x2="{m * width:.1f}" y2="{height}"/>' for m in marks)
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 1}" viewBox="0 0 {width} {height + 1}">'
-           f'<g fill="{color}">{rects}</g>'
-           + (f'<g stroke="#cf222e" stroke-width="0.8" stroke-dasharray="2 1.5">{ticks}</g>' if ticks else "") + f'<line x1="0" y1="{height + 0.5}" x2="{width}" y2="{height + 0.5}" stroke="#1f2328"/></svg>')
-    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
+    path = "".join(f"M{i * w + 0.5:.1f} {height}v-{height * c / peak:.1f}h{w - 1:.1f}V{height}z"
+                   for i, c in enumerate(counts) if peak and c)
+    ticks = "".join(f"M{m * width:.1f} 0V{height}" for m in marks)
+    svg = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 1}' viewBox='0 0 {width} {height + 1}'>"
+           f"<path fill='{color}' d='{path}'/>"
+           + (f"<path stroke='#cf222e' stroke-width='.8' stroke-dasharray='2 1.5' d='{ticks}'/>" if ticks else "")
+           + f"<path stroke='#1f2328' d='M0 {height + 0.5}H{width}'/></svg>")
+    return "data:image/svg+xml," + quote(svg, safe=" /='.:-,")
 
 
 _OVERRIDE: list = [None]  # --templates DIR: templates that replace the shipped ones, file by file

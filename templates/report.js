@@ -16,7 +16,7 @@
     if (!el) return H;
     var d = JSON.parse(el.textContent);
     H = {k: d.k, tokens: d.tokens, p: new Uint8Array(bytes(d.p)),
-         ids: d.wide ? new Uint32Array(bytes(d.ids)) : new Uint16Array(bytes(d.ids)),
+         ids: new ({1: Uint8Array, 2: Uint16Array, 4: Uint32Array})[d.bytes](bytes(d.ids)),
          pos: d.pos ? new Uint32Array(bytes(d.pos)) : null};
     return H;
   }
@@ -32,14 +32,13 @@
     }
     return -1;
   }
-  function split(ctx) {  // text runs hold several tokens separated by U+200B: one <i> each
+  function split(ctx) {  // a text run holds one-character tokens: one <i> each
     if (ctx.getAttribute("data-split")) return;
     ctx.setAttribute("data-split", "1");
     [].slice.call(ctx.childNodes, 1).forEach(function (n) {
       if (n.nodeType !== 3) return;
       var frag = document.createDocumentFragment();
-      var parts = ctx.hasAttribute("data-c") ? Array.from(n.nodeValue) : n.nodeValue.split("\u200b");
-      parts.forEach(function (t) {
+      Array.from(n.nodeValue).forEach(function (t) {
         var i = document.createElement("i");
         i.textContent = t;
         frag.appendChild(i);

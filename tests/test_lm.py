@@ -219,8 +219,8 @@ def test_sae_features_on_a_hand_set_sae(tmp_path):
     assert all(abs(x["activation"] - 4.0) < 1e-5 for x in f0["examples"])
     assert f0["density"] == pytest.approx(4 / 60) and d["dead"] == 3
     ex = next(x for x in f0["examples"] if (x["sequence"], x["position"]) == (1, 10))
-    assert [t["t"] for t in ex["tokens"]] == ["a", "a", "x", "a", "a"] and ex["at"] == 2
-    assert [t["a"] for t in ex["tokens"]] == [0, 0, 4.0, 0, 0]
+    assert ex["t"] == ["a", "a", "x", "a", "a"] and ex["at"] == 2
+    assert ex["a"] == [0, 0, 4.0, 0, 0]
     assert d["l0"] == pytest.approx(4 / 60)
     assert set(d["losses"]) == {"clean", "sae", "zero"}
 

@@ -38,6 +38,7 @@ from ..errors import ReportgenError
 from .common import layer_of, loss_terms  # noqa: F401 - also used from here by kinds and tests
 
 F32 = 4
+CPU_BATCH_TOKENS = 4096
 DEFAULT_BUDGET = 2 * 2**30
 
 
@@ -253,6 +254,19 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
     d_sae = sum(sp.d_sae for sp in saes)
     end = max(n_eval, n_act) if full else n_act
     B = min(batch_size(forward_bytes(cfg, T, logits=full or loss_seqs > 0, d_sae=d_sae), budget, max_batch), max(end, 1))
+    if str(device).startswith("cpu"):  # a batch of more than ~4k tokens runs slower per token on a CPU (caches)
+        B = min(B, max(1, CPU_BATCH_TOKENS // T))
+    # for the ablation of chosen features: the residual stream where those runs start, kept when it fits
+    # (else recomputed for the few sequences needed), and the clean per-token loss at every position
+    from .sae import entry_hook
+
+    ablate = want_sae and int(sn.get("ablate", 0)) > 0
+    entries = sorted({entry_hook(sp, L)[0] for sp in saes} - {""}) if ablate else []
+    keep = ablate and n_act * T * cfg.d_model * F32 * max(len(entries), 1) <= budget // 8
+    kept = {e: [] for e in entries} if keep else {}
+    for e in kept:
+        hooks.append((e, lambda x, hook, e=e: kept[e].append(x.detach().cpu()) if state["lo"] < n_act else None))
+    clean_nll = [] if ablate and full else None
     cuts = sorted({0, n_act, end} | ({loss_seqs} if stop is not None else set()))
     batches = [(lo, min(lo + B, b)) for a, b in zip(cuts, cuts[1:]) for lo in range(a, b, B)]
     token_loss, hits, clean = [], 0, [0.0, 0]
@@ -279,6 +293,10 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
                     ce, h = loss_terms(logits[:r], tg[:r], sc[:r])
                     token_loss.append(ce.cpu().numpy())
                     hits += h
+                if clean_nll is not None and lo < n_act:
+                    lp = logits[: n_act - lo].float().log_softmax(-1)
+                    clean_nll.append((-lp.gather(-1, tg[: n_act - lo].long()[..., None]).squeeze(-1)).cpu())
+                    del lp
                 if n_pred and lo < n_act:
                     pr = logits[: n_act - lo].float().softmax(-1).topk(n_pred, dim=-1)
                     pred_ids.append(pr.indices.to(torch.int32).cpu())
@@ -322,7 +340,9 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
         from .sae import finish
 
         trace.sae = finish(model, saes, streams, recon, var_seqs * T, sn, inputs[:n_act], targets[:n_act],
-                           scored[:loss_seqs], clean, loss_seqs, device, B)
+                           scored[:loss_seqs], clean, loss_seqs, device, B,
+                           kept={e: torch.cat(v) for e, v in kept.items()} if keep else None,
+                           clean_nll=torch.cat(clean_nll).numpy() if clean_nll else None)
     return trace
 
 

@@ -311,15 +311,30 @@ def _splice_hooks(sp: Spliced, mode: str, ablate=None):
     return ([(sp.hook, read)] if sp.transcoder else []) + [(sp.out_hook, write)]
 
 
-def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: str, batch: int, context: int) -> list:
-    """For (feature, token index) pairs, the change of the per-token loss (the target's negative log-probability,
-    at every position) on the 2*context+1 tokens around the token when the feature is ablated in its whole
-    sequence: the activations less the feature's activation times its decoder row (the SAE's error kept)."""
+def entry_hook(sp: Spliced, n_layers: int) -> tuple[str, int]:
+    """(hook, layer): the residual stream from which a run with the SAE's output hook changed starts — the
+    output hook itself for hook_resid_pre / hook_resid_post, else the input of the block holding it."""
+    from .common import layer_of
+
+    li = layer_of(sp.out_hook)
+    if li is None:
+        return "", 0
+    start = li + 1 if sp.out_hook.endswith("hook_resid_post") else li
+    return (f"blocks.{start}.hook_resid_pre" if start < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"), start
+
+
+def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: str, batch: int, kept=None,
+                     clean_nll=None) -> list:
+    """For (feature, token index, window activations) triples, the change of the per-token loss (the target's
+    negative log-probability, at every position of the window) when the feature is ablated on that context:
+    the activations of its 2c+1 tokens less the feature's activation times its decoder row (the SAE's error
+    kept). The runs start from the residual stream before the first block the change reaches, `kept` [N,T,d]
+    when the probe kept it, else recomputed; `clean_nll` [N,T] likewise."""
     import torch
 
     T = inputs.shape[1]
-    seqs = sorted({int(t) // T for _, t in pairs})
-    clean = {}
+    entry, start = entry_hook(sp, model.cfg.n_layers)
+    direct = sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post"))
     out = []
 
     def nll(logits, tg):
@@ -327,26 +342,49 @@ def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: s
         return -lp.gather(-1, tg[..., None]).squeeze(-1)
 
     with torch.inference_mode():
-        for lo in range(0, len(seqs), batch):
-            s = seqs[lo:lo + batch]
-            x = torch.as_tensor(inputs[s], device=device)
-            tg = torch.as_tensor(targets[s], device=device)
-            for si, row in zip(s, nll(model(x), tg).cpu().numpy()):
-                clean[si] = row
         for lo in range(0, len(pairs), batch):
             chunk = pairs[lo:lo + batch]
-            s = [int(t) // T for _, t in chunk]
-            x = torch.as_tensor(inputs[s], device=device)
-            tg = torch.as_tensor(targets[s], device=device)
-            ids = torch.as_tensor([int(j) for j, _ in chunk], device=device)
-            ab = nll(model.run_with_hooks(x, fwd_hooks=_splice_hooks(sp, "ablate", ids)), tg).cpu().numpy()
-            for (j, t), si, row in zip(chunk, s, ab):
+            s = [int(t) // T for _, t, _ in chunk]
+            tg = torch.as_tensor(targets[s], device=device).long()
+            if kept is not None:
+                resid = kept[s].to(device)
+            else:
+                x = torch.as_tensor(inputs[s], device=device)
+                resid = model(x, stop_at_layer=start) if entry else x
+            clean = clean_nll[s] if clean_nll is not None else nll(_from(model, resid, start, entry), tg).cpu().numpy()
+            js = torch.as_tensor([int(j) for j, _, _ in chunk], device=device)
+            W = np.stack([w for _, _, w in chunk])  # [B, 2c+1]
+            c = (W.shape[1] - 1) // 2
+            q = np.array([int(t) % T for _, t, _ in chunk])[:, None] + np.arange(-c, c + 1)
+            ok = (q >= 0) & (q < T)
+            a = np.zeros((len(chunk), T), np.float32)
+            rows = np.broadcast_to(np.arange(len(chunk))[:, None], q.shape)
+            a[rows[ok], q[ok]] = np.nan_to_num(W[ok])
+            delta = torch.as_tensor(a, device=device)[:, :, None] * sp.decoder_rows(js).to(device)[:, None, :]  # [B,T,w]
+            if direct and entry:
+                logits = _from(model, resid - delta.to(resid.dtype), start, entry)
+            else:
+                def hook_fn(act, hook):
+                    return sp.replace(act, sp.flat(act).float() - delta.reshape(-1, delta.shape[-1]))
+                logits = _from(model, resid, start, entry, [(sp.out_hook, hook_fn)])
+            ab = nll(logits, tg).cpu().numpy()
+            for (j, t, w), si, row, cl in zip(chunk, s, ab, clean):
                 p = int(t) % T
-                a, b = max(0, p - context), min(T, p + context + 1)
-                d = np.full(2 * context + 1, np.nan, np.float32)
-                d[a - p + context:b - p + context] = row[a:b] - clean[si][a:b]
+                c = (len(w) - 1) // 2
+                a0, b0 = max(0, p - c), min(T, p + c + 1)
+                d = np.full(2 * c + 1, np.nan, np.float32)
+                d[a0 - p + c:b0 - p + c] = row[a0:b0] - cl[a0:b0]
                 out.append(d)
     return out
+
+
+def _from(model, resid, start: int, entry: str, hooks=()):
+    """Logits of the model run from `resid` entering block `start` (tokens when there is no entry hook)."""
+    if not entry:
+        return model.run_with_hooks(resid, fwd_hooks=list(hooks)) if hooks else model(resid)
+    if hooks:
+        return model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=list(hooks))
+    return model(resid, start_at_layer=start)
 
 
 def prompt_view(model, saes: list, prompts: list, k_feat: int, k_pred: int, device: str) -> list:
@@ -375,7 +413,7 @@ def prompt_view(model, saes: list, prompts: list, k_feat: int, k_pred: int, devi
 
 
 def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need: dict, inputs, targets, scored_loss,
-           clean: list, loss_seqs: int, device: str, batch: int) -> list:
+           clean: list, loss_seqs: int, device: str, batch: int, kept: dict | None = None, clean_nll=None) -> list:
     """One summary per SAE: the streamed statistics, reconstruction quality, spliced-in / zero-ablated loss,
     logit tables, decoder neighbours; the chosen features' ablation effects; the prompts' view."""
     from .common import loss_terms
@@ -405,11 +443,12 @@ def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need:
         chosen = [int(j) for j in choose(s)] if choose else []
         s["chosen"] = chosen
         per = int(need.get("ablate", 0))
-        pairs = [(j, int(t)) for j in chosen for t in s["top_tok"][j][:per] if t >= 0]
+        pairs = [(j, int(t), w) for j in chosen for t, w in zip(s["top_tok"][j][:per], s["top_win"][j][:per]) if t >= 0]
         s["ablation"] = {}
         if pairs:
-            eff = ablation_effects(model, sp, pairs, inputs, targets, device, batch, int(need.get("context", 8)))
-            for (j, t), e in zip(pairs, eff):
+            entry, _ = entry_hook(sp, model.cfg.n_layers)
+            eff = ablation_effects(model, sp, pairs, inputs, targets, device, batch, (kept or {}).get(entry), clean_nll)
+            for (j, t, _), e in zip(pairs, eff):
                 s["ablation"].setdefault(j, {})[t] = e
         out.append(s)
     prompts = need.get("prompts") or []
