@@ -262,7 +262,7 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
 
     ablate = want_sae and int(sn.get("ablate", 0)) > 0
     entries = sorted({entry_hook(sp, L)[0] for sp in saes} - {""}) if ablate else []
-    keep = ablate and n_act * T * cfg.d_model * F32 * max(len(entries), 1) <= budget // 8
+    keep = ablate and full and n_act * T * cfg.d_model * F32 * max(len(entries), 1) <= budget // 8
     kept = {e: [] for e in entries} if keep else {}
     for e in kept:
         hooks.append((e, lambda x, hook, e=e: kept[e].append(x.detach().cpu()) if state["lo"] < n_act else None))
