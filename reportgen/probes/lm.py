@@ -293,14 +293,16 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
                     ce, h = loss_terms(logits[:r], tg[:r], sc[:r])
                     token_loss.append(ce.cpu().numpy())
                     hits += h
-                if clean_nll is not None and lo < n_act:
-                    lp = logits[: n_act - lo].float().log_softmax(-1)
-                    clean_nll.append((-lp.gather(-1, tg[: n_act - lo].long()[..., None]).squeeze(-1)).cpu())
-                    del lp
-                if n_pred and lo < n_act:
-                    pr = logits[: n_act - lo].float().softmax(-1).topk(n_pred, dim=-1)
-                    pred_ids.append(pr.indices.to(torch.int32).cpu())
-                    pred_probs.append(pr.values.to(torch.float16).cpu())
+                if (clean_nll is not None or n_pred) and lo < n_act:  # log-normaliser once, no [B,T,V] softmax
+                    lg = logits[: n_act - lo].float()
+                    lse = torch.logsumexp(lg, -1)
+                    if clean_nll is not None:
+                        clean_nll.append((lse - lg.gather(-1, tg[: n_act - lo].long()[..., None]).squeeze(-1)).cpu())
+                    if n_pred:
+                        pr = lg.topk(n_pred, dim=-1)
+                        pred_ids.append(pr.indices.to(torch.int32).cpu())
+                        pred_probs.append((pr.values - lse[..., None]).exp().to(torch.float16).cpu())
+                    del lg
                 if lo < S and full:
                     pr = logits[: S - lo].float().softmax(-1).topk(k, dim=-1)
                     top_ids.append(pr.indices.cpu())
