@@ -18,6 +18,7 @@ from functools import partial
 
 import numpy as np
 
+from reportgen.probes.sae import bin_edges  # numpy only: the probe's torch imports are inside its functions
 from reportgen.figures import ACCENT, BAD, INK, MUTED, Canvas, Figure, power_of_ten
 from reportgen.stats import Z95, metric
 
@@ -131,8 +132,7 @@ def _one(trace, s: dict, params: Params, i: int) -> dict:
     chosen = s["chosen"]
     carded = set(chosen)
     cooc = _Cooc(s["cooc"], d)
-    preds = trace.token_predictions
-    feats = [_card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, preds) for j in chosen]
+    feats = [_card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) for j in chosen]
     lo10 = np.log10(density[alive]) if alive.any() else np.zeros(0)
     floor = np.floor(np.log10(1.0 / max(n_tok, 1)))
     dh, de = np.histogram(lo10, bins=np.linspace(floor, 0, 25))
@@ -231,7 +231,7 @@ def _context(seq: int, pos: int, win: np.ndarray, flat, T: int, voc, act: float)
             "o": int(seq * T + lo), "t": [voc[t] for t in ids.tolist()], "a": acts.tolist(), "at": int(pos - lo)}
 
 
-def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, preds) -> dict:
+def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -> dict:
     examples = []
     abl = s["ablation"].get(j, {})
     for t, v, w in zip(s["top_tok"][j], s["top_val"][j], s["top_win"][j]):
@@ -247,8 +247,6 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix, p
     hist = s["hist"][j]
     fires = int(s["count"][j])
     top_max = float(s["max"][j])
-    from reportgen.probes.sae import bin_edges
-
     edges = bin_edges()
     intervals = []
     if params.intervals and params.interval_examples and fires > len(examples):

@@ -59,35 +59,6 @@ def _tok(s: str):
     return html(show_token(s))
 
 
-def _heat(a: float, peak: float) -> str:
-    """Background colour of a token activating at `a` of a feature whose maximum is `peak` (CSS)."""
-    t = 0.0 if not peak or a <= 0 else min(1.0, a / peak)
-    return _heat_step(round(t * 64))
-
-
-@lru_cache(maxsize=65)
-def _heat_step(i: int) -> str:
-    if i == 0:
-        return "transparent"
-    from .figures import mix
-
-    return mix("#fff1e0", "#e16f24", (i / 64) ** 0.7)
-
-
-def _runs(tokens: list, at: int) -> list:
-    """Context tokens as display runs (text, activation, is-the-activating-token): neighbours that do not fire
-    merge into one run, so a card holds a few dozen elements instead of one per token (WeasyPrint lays out
-    every element)."""
-    out = []
-    for i, t in enumerate(tokens):
-        text, a = _tok(t["t"]), t["a"]
-        if out and a == 0 and i != at and out[-1][1] == 0 and not out[-1][2]:
-            out[-1][0] += text
-        else:
-            out.append([text, a, i == at])
-    return out
-
-
 HEAT_LEVELS = 8
 
 
@@ -202,8 +173,6 @@ def _environment(override: str | None):
     env.filters["num"] = _num
     env.filters["metric"] = _metric
     env.filters["tok"] = _tok
-    env.filters["heat"] = _heat
-    env.filters["runs"] = _runs
     env.filters["bars"] = _bars
     env.filters["ctx"] = _ctx
     return env

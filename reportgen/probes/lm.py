@@ -91,7 +91,6 @@ def merge_needs(needs: list[dict]) -> dict:
     return out
 
 
-
 # ---------------------------------------------------------------- memory budget
 
 

@@ -268,9 +268,11 @@ def head_shares(sp: Spliced, model) -> np.ndarray | None:
     return (sq / sq.sum(1, keepdim=True).clamp_min(1e-30)).cpu().numpy().astype(np.float32)
 
 
-def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, batch: int, loss_terms) -> dict:
+def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, batch: int) -> dict:
     """Summed CE over the scored positions with the SAE's reconstruction, and zeros, in place of its output hook."""
     import torch
+
+    from .common import loss_terms
 
     sums = {"sae": 0.0, "zero": 0.0}
     with torch.inference_mode():
@@ -416,8 +418,6 @@ def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need:
            clean: list, loss_seqs: int, device: str, batch: int, kept: dict | None = None, clean_nll=None) -> list:
     """One summary per SAE: the streamed statistics, reconstruction quality, spliced-in / zero-ablated loss,
     logit tables, decoder neighbours; the chosen features' ablation effects; the prompts' view."""
-    from .common import loss_terms
-
     out = []
     for sp, st, r in zip(saes, streams, recon):
         s = st.result()
@@ -431,7 +431,7 @@ def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need:
         if loss_seqs and clean[1]:
             losses["clean"] = clean[0] / clean[1]
             for name, v in spliced_losses(model, sp, inputs[:loss_seqs], targets[:loss_seqs], scored_loss, device,
-                                          batch, loss_terms).items():
+                                          batch).items():
                 losses[name] = v / clean[1]
         s.update({"losses": losses, "loss_seqs": int(loss_seqs), "loss_tokens": int(clean[1]), "hook": sp.hook,
                   "out_hook": sp.out_hook, "transcoder": sp.transcoder, "architecture": sp.arch, "name": sp.name,
