@@ -288,9 +288,9 @@ def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, bat
     return sums
 
 
-def _splice_hooks(sp: Spliced, mode: str, ablate=None):
-    """Hooks that put the SAE into the model: mode "sae" (its reconstruction), "zero" (zeros), or "ablate"
-    (the activations less `ablate` = (feature ids per row, ) times their decoder rows)."""
+def _splice_hooks(sp: Spliced, mode: str):
+    """Hooks that put the SAE into the model at its output hook: mode "sae" (its reconstruction, encoded from
+    its input hook) or "zero" (zeros)."""
     import torch
 
     held = {}
@@ -302,13 +302,7 @@ def _splice_hooks(sp: Spliced, mode: str, ablate=None):
         if mode == "zero":
             return torch.zeros_like(x)
         f = held["f"] if sp.transcoder else sp.encode(sp.flat(x))
-        if mode == "sae":
-            return sp.replace(x, sp.decode(f))
-        ids = ablate.to(f.device)  # one feature per sequence
-        B, T = x.shape[:2]
-        a = f.reshape(B, T, -1).gather(2, ids[:, None, None].expand(B, T, 1))  # [B,T,1]
-        delta = a * sp.decoder_rows(ids)[:, None, :].to(a.dtype)  # [B,T,width]
-        return sp.replace(x, sp.flat(x).float() - delta.reshape(B * T, -1).float())
+        return sp.replace(x, sp.decode(f))
 
     return ([(sp.hook, read)] if sp.transcoder else []) + [(sp.out_hook, write)]
 
