@@ -131,8 +131,8 @@ def _one(trace, s: dict, params: Params, i: int) -> dict:
     prefix = f"s{i}-" if len(trace.sae) > 1 else ""
     chosen = s["chosen"]
     carded = set(chosen)
-    cooc = _Cooc(s["cooc"], d)
-    feats = [_card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) for j in chosen]
+    cooc = _Cooc(s["cooc"], d).top(chosen, params.neighbours)
+    feats = [_card(j, s, params, flat, T, voc, density, mean_act, cooc[j], carded, prefix) for j in chosen]
     lo10 = np.log10(density[alive]) if alive.any() else np.zeros(0)
     floor = np.floor(np.log10(1.0 / max(n_tok, 1)))
     dh, de = np.histogram(lo10, bins=np.linspace(floor, 0, 25))
@@ -197,27 +197,48 @@ def _hover(trace, blocks: list) -> dict | None:
 class _Cooc:
     """Which features fire together, over the tokens whose codes the probe kept: (token, feature) pairs."""
 
+    CHUNK = 1 << 22  # (feature, pair) entries expanded at once
+
     def __init__(self, pairs: np.ndarray, d: int):
         self.d = d
         tok, feat = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
         o = np.argsort(tok, kind="stable")
-        self.tok_sorted, self.feat_by_tok = tok[o], feat[o]
+        tok_sorted, self.feat_by_tok = tok[o], feat[o]
+        self.tok_start = np.searchsorted(tok_sorted, np.arange((int(tok.max()) + 2) if len(tok) else 1))
         o = np.argsort(feat, kind="stable")
         self.feat_start = np.searchsorted(feat[o], np.arange(d + 1))
         self.tok_by_feat = tok[o]
 
-    def top(self, j: int, k: int) -> tuple[int, list]:
-        toks = self.tok_by_feat[self.feat_start[j]:self.feat_start[j + 1]]
-        if not len(toks) or not k:
-            return len(toks), []
-        a = np.searchsorted(self.tok_sorted, toks)
-        b = np.searchsorted(self.tok_sorted, toks, side="right")
-        lens = b - a
-        idx = np.repeat(a - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())  # every pair at those tokens
-        n = np.bincount(self.feat_by_tok[idx], minlength=self.d)
-        n[j] = 0
-        best = np.lexsort((np.arange(self.d), -n))[:k]
-        return len(toks), [(int(f), int(n[f])) for f in best if n[f] > 0]
+    def top(self, feats: list, k: int) -> dict:
+        """For each feature j of feats: (tokens j fires on, [(feature, tokens both fire on)] of the k features
+        firing with j most, ties to the lower id), all at once in chunks of bounded size."""
+        out, chunk, size = {}, [], 0
+        for j in feats:
+            n = self.feat_start[j + 1] - self.feat_start[j]
+            chunk.append(j)
+            size += n * 32
+            if size >= self.CHUNK:
+                out.update(self._top(chunk, k))
+                chunk, size = [], 0
+        if chunk:
+            out.update(self._top(chunk, k))
+        return out
+
+    def _top(self, feats: list, k: int) -> dict:
+        fs = np.asarray(feats, np.int64)
+        a, b = self.feat_start[fs], self.feat_start[fs + 1]
+        n_fire = b - a
+        row = np.repeat(np.arange(len(fs)), n_fire)
+        toks = self.tok_by_feat[np.repeat(a - (np.cumsum(n_fire) - n_fire), n_fire) + np.arange(n_fire.sum())]
+        lo, hi = self.tok_start[toks], self.tok_start[toks + 1]
+        lens = hi - lo
+        idx = np.repeat(lo - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())  # every pair at those tokens
+        counts = np.bincount(np.repeat(row, lens) * self.d + self.feat_by_tok[idx],
+                             minlength=len(fs) * self.d).reshape(len(fs), self.d)
+        counts[np.arange(len(fs)), fs] = 0
+        best = np.argsort(-counts, axis=1, kind="stable")[:, :k] if k else np.zeros((len(fs), 0), np.int64)
+        return {int(j): (int(n_fire[r]), [(int(f), int(counts[r, f])) for f in best[r] if counts[r, f] > 0])
+                for r, j in enumerate(fs)}
 
 
 def _context(seq: int, pos: int, win: np.ndarray, flat, T: int, voc, act: float) -> dict:
@@ -265,7 +286,7 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -
     idx = np.minimum((centres / max(top_max, 1e-30) * nb).astype(np.int64), nb - 1)
     counts = np.bincount(idx, weights=hist, minlength=nb).astype(int)
     marks = [iv["lo"] / top_max for iv in intervals[1:]] if top_max > 0 else []
-    n_seen, together = cooc.top(j, params.neighbours)
+    n_seen, together = cooc
     k = params.logits
     card = {
         "id": int(j), "anchor": f"{prefix}feature-{j}", "density": float(density[j]),

@@ -332,55 +332,75 @@ def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: s
     entry, start = entry_hook(sp, model.cfg.n_layers)
     direct = sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post"))
     out = []
-
-    def nll(logits, tg):
-        lp = logits.float().log_softmax(-1)
-        return -lp.gather(-1, tg[..., None]).squeeze(-1)
-
     with torch.inference_mode():
         for lo in range(0, len(pairs), batch):
             chunk = pairs[lo:lo + batch]
             s = [int(t) // T for _, t, _ in chunk]
-            tg = torch.as_tensor(targets[s], device=device).long()
+            W = np.stack([w for _, _, w in chunk])  # [B, 2c+1]
+            c = (W.shape[1] - 1) // 2
+            p = np.array([int(t) % T for _, t, _ in chunk])
+            q = p[:, None] + np.arange(-c, c + 1)
+            ok = (q >= 0) & (q < T)
+            qc = torch.as_tensor(np.clip(q, 0, T - 1), device=device)
+            tg = torch.as_tensor(targets[s], device=device).long().gather(1, qc)  # [B, 2c+1]
             if kept is not None:
                 resid = kept[s].to(device)
             else:
                 x = torch.as_tensor(inputs[s], device=device)
                 resid = model(x, stop_at_layer=start) if entry else x
-            clean = clean_nll[s] if clean_nll is not None else nll(_from(model, resid, start, entry), tg).cpu().numpy()
+            if clean_nll is not None:
+                clean = np.take_along_axis(np.asarray(clean_nll[s]), qc.cpu().numpy(), 1)
+            else:
+                clean = _window_nll(model, _from(model, resid, start, entry, qc), tg).cpu().numpy()
             js = torch.as_tensor([int(j) for j, _, _ in chunk], device=device)
-            W = np.stack([w for _, _, w in chunk])  # [B, 2c+1]
-            c = (W.shape[1] - 1) // 2
-            q = np.array([int(t) % T for _, t, _ in chunk])[:, None] + np.arange(-c, c + 1)
-            ok = (q >= 0) & (q < T)
             a = np.zeros((len(chunk), T), np.float32)
             rows = np.broadcast_to(np.arange(len(chunk))[:, None], q.shape)
             a[rows[ok], q[ok]] = np.nan_to_num(W[ok])
             delta = torch.as_tensor(a, device=device)[:, :, None] * sp.decoder_rows(js).to(device)[:, None, :]  # [B,T,w]
             if direct and entry:
-                logits = _from(model, resid - delta.to(resid.dtype), start, entry)
+                final = _from(model, resid - delta.to(resid.dtype), start, entry, qc)
             else:
                 def hook_fn(act, hook):
                     return sp.replace(act, sp.flat(act).float() - delta.reshape(-1, delta.shape[-1]))
-                logits = _from(model, resid, start, entry, [(sp.out_hook, hook_fn)])
-            ab = nll(logits, tg).cpu().numpy()
-            for (j, t, w), si, row, cl in zip(chunk, s, ab, clean):
-                p = int(t) % T
-                c = (len(w) - 1) // 2
-                a0, b0 = max(0, p - c), min(T, p + c + 1)
-                d = np.full(2 * c + 1, np.nan, np.float32)
-                d[a0 - p + c:b0 - p + c] = row[a0:b0] - cl[a0:b0]
-                out.append(d)
+                final = _from(model, resid, start, entry, qc, [(sp.out_hook, hook_fn)])
+            d = _window_nll(model, final, tg).cpu().numpy() - clean
+            out += [np.where(k, e, np.nan).astype(np.float32) for k, e in zip(ok, d)]
     return out
 
 
-def _from(model, resid, start: int, entry: str, hooks=()):
-    """Logits of the model run from `resid` entering block `start` (tokens when there is no entry hook)."""
-    if not entry:
-        return model.run_with_hooks(resid, fwd_hooks=list(hooks)) if hooks else model(resid)
-    if hooks:
-        return model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=list(hooks))
-    return model(resid, start_at_layer=start)
+def _from(model, resid, start: int, entry: str, q, hooks=()):
+    """The final residual stream (before the final norm) at positions q [B, w] of the model run from `resid`
+    entering block `start` (from tokens when there is no entry hook). The last block's MLP acts on each
+    position alone, so where nothing is hooked after its hook_resid_mid, the run keeps only those positions
+    from there on (exact; the MLP is most of a small model's block)."""
+    from .common import layer_of
+
+    cfg = model.cfg
+    L = cfg.n_layers
+    later = any(layer_of(h) is None or layer_of(h) >= L - 1 for h, _ in hooks)
+    cut = start < L and not later and not cfg.attn_only and not cfg.parallel_attn_mlp
+    hooks = list(hooks)
+    if cut:
+        hooks.append((f"blocks.{L - 1}.hook_resid_mid", lambda x, hook: _gather(x, q)))
+    kw = {"stop_at_layer": L, **({"start_at_layer": start} if entry else {})}
+    final = model.run_with_hooks(resid, fwd_hooks=hooks, **kw) if hooks else model(resid, **kw)
+    return final if cut else _gather(final, q)
+
+
+def _gather(x, q):
+    return x.gather(1, q[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _window_nll(model, x, tg):
+    """The targets' negative log-probabilities from the final residual stream at some positions [B, w, d]:
+    the final norm and the unembedding act on each position alone, as in the full forward."""
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = model.unembed(x).float()
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        logits = cap * (logits / cap).tanh()
+    return logits.logsumexp(-1) - logits.gather(-1, tg[..., None]).squeeze(-1)
 
 
 def prompt_view(model, saes: list, prompts: list, k_feat: int, k_pred: int, device: str) -> list:
