@@ -241,30 +241,36 @@ class _Cooc:
                 for r, j in enumerate(fs)}
 
 
-def _context(seq: int, pos: int, win: np.ndarray, flat, T: int, voc, act: float) -> dict:
-    """A context window: its tokens' strings `t` and the feature's activations on them `a`; `at` is the
-    activating token's index in it, `o` the flat index of its first token."""
-    c = (len(win) - 1) // 2
-    lo, hi = max(0, pos - c), min(T, pos + c + 1)
-    ids = flat[seq * T + lo: seq * T + hi]
-    acts = np.round(win[lo - pos + c: hi - pos + c].astype(np.float64), 3)  # NaN only beyond the sequence
-    return {"sequence": int(seq), "position": int(pos), "activation": round(float(act), 4), "start": int(lo),
-            "o": int(seq * T + lo), "t": [voc[t] for t in ids.tolist()], "a": acts.tolist(), "at": int(pos - lo)}
+def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc) -> list[dict]:
+    """Context windows around flat token indices `toks`: per window its tokens' strings `t` and the feature's
+    activations on them `a` (from `wins` [n, 2c+1], NaN only beyond the sequence); `at` is the activating
+    token's index in it, `o` the flat index of its first token. One numpy pass for all of them."""
+    toks = np.asarray(toks, np.int64).reshape(-1)
+    if not len(toks):
+        return []
+    c = (wins.shape[1] - 1) // 2
+    seq, pos = np.divmod(toks, T)
+    lo, hi = np.maximum(pos - c, 0), np.minimum(pos + c + 1, T)
+    ids = flat[np.clip(toks[:, None] + np.arange(-c, c + 1), 0, len(flat) - 1)].tolist()
+    A = np.round(wins.astype(np.float64), 3).tolist()
+    out = []
+    for i, (sq, p, a, b, act) in enumerate(zip(seq.tolist(), pos.tolist(), lo.tolist(), hi.tolist(), acts)):
+        s0, e0 = a - p + c, b - p + c
+        out.append({"sequence": sq, "position": p, "activation": round(float(act), 4), "start": a, "o": sq * T + a,
+                    "t": [voc[t] for t in ids[i][s0:e0]], "a": A[i][s0:e0], "at": p - a})
+    return out
 
 
 def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -> dict:
-    examples = []
     abl = s["ablation"].get(j, {})
-    for t, v, w in zip(s["top_tok"][j], s["top_val"][j], s["top_win"][j]):
-        if t < 0:
-            break
-        seq, pos = divmod(int(t), T)
-        x = _context(seq, pos, w, flat, T, voc, v)
-        if int(t) in abl:
-            c = params.context
-            dl = abl[int(t)][x["start"] - pos + c: x["start"] - pos + c + len(x["t"])]
-            x["ablation"] = [None if np.isnan(e) else round(float(e), 4) for e in dl]
-        examples.append(x)
+    tt = s["top_tok"][j]
+    n_ex = int((tt >= 0).sum())  # rows are sorted best first, the unused ones (-1) last
+    examples = _contexts(tt[:n_ex], s["top_win"][j][:n_ex], s["top_val"][j][:n_ex], flat, T, voc)
+    c = params.context
+    for t, x in zip(tt[:n_ex].tolist(), examples):
+        if t in abl:
+            i0 = x["start"] - x["position"] + c
+            x["ablation"] = [None if np.isnan(e) else round(float(e), 4) for e in abl[t][i0:i0 + len(x["t"])]]
     hist = s["hist"][j]
     fires = int(s["count"][j])
     top_max = float(s["max"][j])
@@ -275,11 +281,15 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -
         qs = _quantiles(hist, edges, np.linspace(0, 1, params.intervals + 1), top_max)
         ok = st >= 0
         which = np.clip(np.searchsorted(np.asarray(qs[1:-1]), sv, side="right"), 0, params.intervals - 1)
+        sels = []
         for k in range(params.intervals):  # each interval's first samples (the sample is in random order)
             sel = np.flatnonzero(ok & (which == k) & (sv >= qs[k]))[: params.interval_examples]
-            sel = sel[np.lexsort((st[sel], -sv[sel]))]
+            sels.append(sel[np.lexsort((st[sel], -sv[sel]))])
+        every = np.concatenate(sels)
+        ctx = iter(_contexts(st[every], sw[every], sv[every].tolist(), flat, T, voc))
+        for k, sel in enumerate(sels):
             intervals.append({"lo": float(qs[k]), "hi": float(qs[k + 1]), "share": 1.0 / params.intervals,
-                              "examples": [_context(*divmod(int(st[i]), T), sw[i], flat, T, voc, float(sv[i])) for i in sel]})
+                              "examples": [next(ctx) for _ in sel]})
     # the card's histogram: linear bins over [0, max], from the fine log bins (each at its geometric centre)
     centres = np.sqrt(edges[:-1] * edges[1:])
     nb = params.bins
