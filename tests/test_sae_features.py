@@ -275,6 +275,37 @@ def test_ablation_effect_and_prompt_view_equal_a_hand_computation():
         assert t["predictions"][0]["t"] == VOCAB[int(probs[i].argmax())]
 
 
+WINDOW_BLOCKS = [  # last blocks the ablation runs for a window's queries alone
+    dict(positional_embedding_type="rotary", attention_dir="bidirectional"),
+    dict(positional_embedding_type="rotary", n_key_value_heads=2, normalization_type="RMS"),
+    dict(positional_embedding_type="standard"),
+    dict(positional_embedding_type="rotary", rotary_dim=4, rotary_adjacent_pairs=True),
+    dict(positional_embedding_type="rotary", use_local_attn=True, attn_types=["global", "local"], window_size=5,
+         normalization_type="RMS", use_normalization_before_and_after=True),
+    dict(positional_embedding_type="standard", normalization_type=None, attn_scores_soft_cap=5.0, use_attn_scale=False),
+]
+
+
+@pytest.mark.parametrize("extra", WINDOW_BLOCKS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_last_block_at_window_positions_equals_the_full_block(extra):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from reportgen.probes.sae import _gather, _last_block_at, _window_block_ok
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=24,
+                                                      d_vocab=50, act_fn="gelu", **extra)).eval()
+    for w in model.parameters():
+        torch.nn.init.normal_(w, std=0.3)
+    assert _window_block_ok(model)
+    q = torch.as_tensor(np.clip(np.array([3, 0, 20, 10, 17])[:, None] + np.arange(-3, 4), 0, 23))
+    with torch.inference_mode():
+        resid = model(torch.randint(0, 50, (5, 24)), stop_at_layer=1)
+        full = _gather(model(resid, start_at_layer=1, stop_at_layer=2), q)
+        assert torch.allclose(_last_block_at(model.blocks[1], resid, q), full, atol=1e-5)
+        assert not torch.allclose(_last_block_at(model.blocks[1], resid, (q + 1).clamp(max=23)), full, atol=1e-2)
+
+
 def test_logits_go_through_the_final_norm_when_it_can_be_folded():
     from reportgen.probes.sae import Spliced, logit_tables
 

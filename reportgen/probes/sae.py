@@ -370,14 +370,20 @@ def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: s
 
 def _from(model, resid, start: int, entry: str, q, hooks=()):
     """The final residual stream (before the final norm) at positions q [B, w] of the model run from `resid`
-    entering block `start` (from tokens when there is no entry hook). The last block's MLP acts on each
-    position alone, so where nothing is hooked after its hook_resid_mid, the run keeps only those positions
-    from there on (exact; the MLP is most of a small model's block)."""
+    entering block `start` (from tokens when there is no entry hook). Where nothing is hooked in the last block,
+    that block runs for the positions q alone (`_last_block_at`): its attention reads every position but only
+    q's queries are needed, and its MLP acts on each position alone; else the full run keeps q's positions
+    after the last block's attention (both exact)."""
     from .common import layer_of
 
     cfg = model.cfg
     L = cfg.n_layers
     later = any(layer_of(h) is None or layer_of(h) >= L - 1 for h, _ in hooks)
+    if start < L and not later and _window_block_ok(model):
+        kw = {"stop_at_layer": L - 1, **({"start_at_layer": start} if entry else {})}
+        if start < L - 1 or not entry:
+            resid = model.run_with_hooks(resid, fwd_hooks=list(hooks), **kw) if hooks else model(resid, **kw)
+        return _last_block_at(model.blocks[L - 1], resid, q)
     cut = start < L and not later and not cfg.attn_only and not cfg.parallel_attn_mlp
     hooks = list(hooks)
     if cut:
@@ -385,6 +391,74 @@ def _from(model, resid, start: int, entry: str, q, hooks=()):
     kw = {"stop_at_layer": L, **({"start_at_layer": start} if entry else {})}
     final = model.run_with_hooks(resid, fwd_hooks=hooks, **kw) if hooks else model(resid, **kw)
     return final if cut else _gather(final, q)
+
+
+def _window_block_ok(model) -> bool:
+    """Whether `_last_block_at` computes the last block of this HookedTransformer as TransformerLens does:
+    a pre-norm block with a plain attention (global or local, causal or not; no position-dependent parts
+    other than rotary or learned absolute embeddings, no per-head inputs) and an MLP after it."""
+    try:
+        from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
+        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+    except ImportError:
+        return False
+    cfg = model.cfg
+    blocks = getattr(model, "blocks", None)
+    if not blocks or type(blocks[-1]) is not TransformerBlock or type(blocks[-1].attn) not in (Attention, GroupedQueryAttention):
+        return False
+    attn = blocks[-1].attn
+    flags = ("attn_only", "parallel_attn_mlp", "use_split_qkv_input", "use_attn_in", "use_attn_result", "use_logn_attn",
+             "use_attention_sinks", "use_dynamic_ntk_rope", "load_in_4bit")
+    if any(getattr(cfg, f, False) for f in flags) or getattr(cfg, "clip_qkv", None) is not None:
+        return False
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES or getattr(attn, "q_norm", None) is not None:
+        return False
+    if getattr(attn, "_attention_dir_override", None) is not None:
+        return False
+    return cfg.positional_embedding_type in ("standard", "rotary")
+
+
+def _last_block_at(block, x, q):
+    """The residual stream after TransformerLens's `block` at positions q [B, w], from its input x [B, T, d]:
+    keys and values from every position, queries from q's alone; the mask, rotary angles and everything after
+    the attention at q's positions (see `_window_block_ok` for the blocks this holds for)."""
+    import torch
+    import torch.nn.functional as F
+
+    attn, cfg = block.attn, block.cfg
+    xn = block.ln1(x)
+    qn = _gather(xn, q)
+    qh, k, v = attn.calculate_qkv_matrices(qn, xn, xn)
+    if cfg.positional_embedding_type == "rotary":
+        T = x.shape[1]
+        qh = _rotate(attn, qh, q)
+        k = _rotate(attn, k, torch.arange(T, device=x.device)[None].expand(x.shape[0], -1))
+    scores = attn.calculate_attention_scores(qh, k)  # [B, H, w, T]
+    if cfg.attention_dir == "causal":
+        keys = torch.arange(x.shape[1], device=x.device)
+        mask = keys[None, None, :] <= q[:, :, None]
+        if attn.attn_type == "local":
+            mask = mask & (keys[None, None, :] > q[:, :, None] - cfg.window_size)
+        scores = torch.where(mask[:, None], scores, attn.IGNORE.to(scores.device))
+    pattern = F.softmax(scores, dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern).to(v.dtype)
+    z = attn.calculate_z_scores(v, pattern)  # [B, w, H, d_head]
+    w = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[-1], -1)  # [d_model, H * d_head]
+    out = F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, attn.b_O)
+    if cfg.use_normalization_before_and_after:
+        out = block.ln1_post(out)
+    mid = _gather(x, q) + out
+    return mid + block.apply_mlp(block.ln2(mid))
+
+
+def _rotate(attn, x, pos):
+    """TransformerLens's rotary embedding of x [B, n, heads, d_head] at positions pos [B, n]."""
+    import torch
+
+    rd = attn.cfg.rotary_dim
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    cos, sin = attn.rotary_cos[pos][:, :, None, :], attn.rotary_sin[pos][:, :, None, :]
+    return torch.cat([x_rot * cos + attn.rotate_every_two(x_rot) * sin, x_pass], dim=-1)
 
 
 def _gather(x, q):
