@@ -268,20 +268,32 @@ def head_shares(sp: Spliced, model) -> np.ndarray | None:
     return (sq / sq.sum(1, keepdim=True).clamp_min(1e-30)).cpu().numpy().astype(np.float32)
 
 
-def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, batch: int) -> dict:
-    """Summed CE over the scored positions with the SAE's reconstruction, and zeros, in place of its output hook."""
+def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, batch: int, kept=None) -> dict:
+    """Summed CE over the scored positions with the SAE's reconstruction, and zeros, in place of its output hook.
+    An SAE that writes to the residual stream (hook_resid_pre / hook_resid_post) is run from `kept`, that
+    stream as the probe kept it [N, T, d] (N >= len(inputs)), when there is one: the same runs without the
+    blocks before it."""
     import torch
 
     from .common import loss_terms
 
+    entry, start = entry_hook(sp, model.cfg.n_layers)
+    direct = kept is not None and bool(entry) and sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post"))
     sums = {"sae": 0.0, "zero": 0.0}
     with torch.inference_mode():
         for lo in range(0, len(inputs), batch):
-            x = torch.as_tensor(inputs[lo:lo + batch], device=device)
             tg = torch.as_tensor(targets[lo:lo + batch], device=device)
             sc = torch.as_tensor(scored[lo:lo + batch], device=device)
+            if direct:
+                r = kept[lo:lo + len(tg)].to(device)
+            else:
+                x = torch.as_tensor(inputs[lo:lo + batch], device=device)
             for name in sums:
-                logits = model.run_with_hooks(x, fwd_hooks=_splice_hooks(sp, name))
+                if direct:
+                    new = torch.zeros_like(r) if name == "zero" else sp.replace(r, sp.decode(sp.encode(sp.flat(r))))
+                    logits = model(new, start_at_layer=start)
+                else:
+                    logits = model.run_with_hooks(x, fwd_hooks=_splice_hooks(sp, name))
                 ce, _ = loss_terms(logits, tg, sc)
                 sums[name] += ce.double().sum().item()
                 del logits
@@ -518,8 +530,9 @@ def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need:
         losses = {}
         if loss_seqs and clean[1]:
             losses["clean"] = clean[0] / clean[1]
+            entry, _ = entry_hook(sp, model.cfg.n_layers)
             for name, v in spliced_losses(model, sp, inputs[:loss_seqs], targets[:loss_seqs], scored_loss, device,
-                                          batch).items():
+                                          batch, (kept or {}).get(entry)).items():
                 losses[name] = v / clean[1]
         s.update({"losses": losses, "loss_seqs": int(loss_seqs), "loss_tokens": int(clean[1]), "hook": sp.hook,
                   "out_hook": sp.out_hook, "transcoder": sp.transcoder, "architecture": sp.arch, "name": sp.name,
