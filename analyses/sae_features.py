@@ -202,10 +202,12 @@ class _Cooc:
     def __init__(self, pairs: np.ndarray, d: int):
         self.d = d
         tok, feat = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
-        o = np.argsort(tok, kind="stable")
-        tok_sorted, self.feat_by_tok = tok[o], feat[o]
-        self.tok_start = np.searchsorted(tok_sorted, np.arange((int(tok.max()) + 2) if len(tok) else 1))
-        o = np.argsort(feat, kind="stable")
+        if len(tok) > 1 and (tok[1:] < tok[:-1]).any():  # the probe writes them in token order
+            o = np.argsort(tok, kind="stable")
+            tok, feat = tok[o], feat[o]
+        self.feat_by_tok = feat
+        self.tok_start = np.searchsorted(tok, np.arange((int(tok.max()) + 2) if len(tok) else 1))
+        o = np.argsort(feat.astype(np.uint16) if d <= 1 << 16 else feat, kind="stable")  # 16 bits: a radix sort
         self.feat_start = np.searchsorted(feat[o], np.arange(d + 1))
         self.tok_by_feat = tok[o]
 
@@ -236,7 +238,13 @@ class _Cooc:
         counts = np.bincount(np.repeat(row, lens) * self.d + self.feat_by_tok[idx],
                              minlength=len(fs) * self.d).reshape(len(fs), self.d)
         counts[np.arange(len(fs)), fs] = 0
-        best = np.argsort(-counts, axis=1, kind="stable")[:, :k] if k else np.zeros((len(fs), 0), np.int64)
+        kk = min(k, self.d)
+        if kk:  # the kk largest counts per row, ties to the lower id: a unique key, partitioned then sorted
+            key = counts * self.d + (self.d - 1 - np.arange(self.d))
+            part = np.argpartition(-key, kk - 1, axis=1)[:, :kk]
+            best = np.take_along_axis(part, np.argsort(-np.take_along_axis(key, part, 1), axis=1), 1)
+        else:
+            best = np.zeros((len(fs), 0), np.int64)
         return {int(j): (int(n_fire[r]), [(int(f), int(counts[r, f])) for f in best[r] if counts[r, f] > 0])
                 for r, j in enumerate(fs)}
 
@@ -251,14 +259,24 @@ def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc) -> list[dict]:
     c = (wins.shape[1] - 1) // 2
     seq, pos = np.divmod(toks, T)
     lo, hi = np.maximum(pos - c, 0), np.minimum(pos + c + 1, T)
-    ids = flat[np.clip(toks[:, None] + np.arange(-c, c + 1), 0, len(flat) - 1)].tolist()
+    ids = _strings(voc)[flat[np.clip(toks[:, None] + np.arange(-c, c + 1), 0, len(flat) - 1)]].tolist()
     A = np.round(wins.astype(np.float64), 3).tolist()
     out = []
     for i, (sq, p, a, b, act) in enumerate(zip(seq.tolist(), pos.tolist(), lo.tolist(), hi.tolist(), acts)):
         s0, e0 = a - p + c, b - p + c
         out.append({"sequence": sq, "position": p, "activation": round(float(act), 4), "start": a, "o": sq * T + a,
-                    "t": [voc[t] for t in ids[i][s0:e0]], "a": A[i][s0:e0], "at": p - a})
+                    "t": ids[i][s0:e0], "a": A[i][s0:e0], "at": p - a})
     return out
+
+
+_STRINGS: list = [None, None]
+
+
+def _strings(voc) -> np.ndarray:
+    """The vocabulary as an object array (kept for the last vocabulary seen), to look up many ids at once."""
+    if _STRINGS[0] is not voc:
+        _STRINGS[:] = [voc, np.array(list(voc), dtype=object)]
+    return _STRINGS[1]
 
 
 def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -> dict:
@@ -279,17 +297,19 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -
     if params.intervals and params.interval_examples and fires > len(examples):
         sv, st, sw = s["sample_val"][j], s["sample_tok"][j], s["sample_win"][j]
         qs = _quantiles(hist, edges, np.linspace(0, 1, params.intervals + 1), top_max)
-        ok = st >= 0
-        which = np.clip(np.searchsorted(np.asarray(qs[1:-1]), sv, side="right"), 0, params.intervals - 1)
-        sels = []
-        for k in range(params.intervals):  # each interval's first samples (the sample is in random order)
-            sel = np.flatnonzero(ok & (which == k) & (sv >= qs[k]))[: params.interval_examples]
-            sels.append(sel[np.lexsort((st[sel], -sv[sel]))])
-        every = np.concatenate(sels)
+        K, q = params.intervals, np.asarray(qs)
+        which = np.clip(np.searchsorted(q[1:-1], sv, side="right"), 0, K - 1)
+        # each interval's first samples (the sample is in random order), then best first within an interval
+        every = np.flatnonzero((st >= 0) & (sv >= q[which]))
+        every = every[np.argsort(which[every], kind="stable")]
+        w = which[every]
+        every = every[np.arange(len(w)) - np.searchsorted(w, w) < params.interval_examples]  # rank in its interval
+        w = which[every]
+        o = np.lexsort((st[every], -sv[every], w))
+        every, w = every[o], w[o]
         ctx = iter(_contexts(st[every], sw[every], sv[every].tolist(), flat, T, voc))
-        for k, sel in enumerate(sels):
-            intervals.append({"lo": float(qs[k]), "hi": float(qs[k + 1]), "share": 1.0 / params.intervals,
-                              "examples": [next(ctx) for _ in sel]})
+        for k, n in enumerate(np.bincount(w, minlength=K).tolist()):
+            intervals.append({"lo": qs[k], "hi": qs[k + 1], "share": 1.0 / K, "examples": [next(ctx) for _ in range(n)]})
     # the card's histogram: linear bins over [0, max], from the fine log bins (each at its geometric centre)
     centres = np.sqrt(edges[:-1] * edges[1:])
     nb = params.bins
@@ -324,16 +344,24 @@ def _quantiles(hist: np.ndarray, edges: np.ndarray, qs: np.ndarray, top: float) 
     if not total:
         return [0.0] * len(qs)
     cdf = np.concatenate([[0], np.cumsum(hist)]) / total
-    le = np.log10(edges)
+    le = _log_edges(edges)
     first = int(np.flatnonzero(hist)[0])
-    out = []
-    for q in qs:
-        i = int(np.clip(np.searchsorted(cdf, q, side="left") - 1, first, len(hist) - 1))
-        span = cdf[i + 1] - cdf[i]
-        frac = 0.0 if span <= 0 else (q - cdf[i]) / span
-        out.append(float(min(10 ** (le[i] + frac * (le[i + 1] - le[i])), top)))
+    i = np.clip(np.searchsorted(cdf, qs, side="left") - 1, first, len(hist) - 1)
+    span = cdf[i + 1] - cdf[i]
+    frac = np.divide(qs - cdf[i], span, out=np.zeros(len(qs)), where=span > 0)
+    out = np.minimum(10 ** (le[i] + frac * (le[i + 1] - le[i])), top).tolist()
     out[-1] = top
     return out
+
+
+_LOG_EDGES: dict = {}
+
+
+def _log_edges(edges: np.ndarray) -> np.ndarray:
+    key = (len(edges), float(edges[0]), float(edges[-1]))
+    if key not in _LOG_EDGES:
+        _LOG_EDGES[key] = np.log10(edges)
+    return _LOG_EDGES[key]
 
 
 def _prompt(p: dict, voc, carded, prefix) -> dict:
