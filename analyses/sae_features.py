@@ -121,7 +121,7 @@ def compute(trace, params: Params) -> dict:
 def _one(trace, s: dict, params: Params, i: int) -> dict:
     N, T = trace.inputs.shape
     flat = trace.inputs.reshape(-1)
-    voc = trace.vocab
+    voc = np.array(list(trace.vocab), dtype=object)  # looked up by many ids at once in the contexts
     n_tok, d = int(s["n_tokens"]), int(s["d_sae"])
     count = s["count"]
     density = count / max(n_tok, 1)
@@ -249,7 +249,7 @@ class _Cooc:
                 for r, j in enumerate(fs)}
 
 
-def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc) -> list[dict]:
+def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc: np.ndarray) -> list[dict]:
     """Context windows around flat token indices `toks`: per window its tokens' strings `t` and the feature's
     activations on them `a` (from `wins` [n, 2c+1], NaN only beyond the sequence); `at` is the activating
     token's index in it, `o` the flat index of its first token. One numpy pass for all of them."""
@@ -259,7 +259,7 @@ def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc) -> list[dict]:
     c = (wins.shape[1] - 1) // 2
     seq, pos = np.divmod(toks, T)
     lo, hi = np.maximum(pos - c, 0), np.minimum(pos + c + 1, T)
-    ids = _strings(voc)[flat[np.clip(toks[:, None] + np.arange(-c, c + 1), 0, len(flat) - 1)]].tolist()
+    ids = voc[flat[np.clip(toks[:, None] + np.arange(-c, c + 1), 0, len(flat) - 1)]].tolist()
     A = np.round(wins.astype(np.float64), 3).tolist()
     out = []
     for i, (sq, p, a, b, act) in enumerate(zip(seq.tolist(), pos.tolist(), lo.tolist(), hi.tolist(), acts)):
@@ -267,16 +267,6 @@ def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc) -> list[dict]:
         out.append({"sequence": sq, "position": p, "activation": round(float(act), 4), "start": a, "o": sq * T + a,
                     "t": ids[i][s0:e0], "a": A[i][s0:e0], "at": p - a})
     return out
-
-
-_STRINGS: list = [None, None]
-
-
-def _strings(voc) -> np.ndarray:
-    """The vocabulary as an object array (kept for the last vocabulary seen), to look up many ids at once."""
-    if _STRINGS[0] is not voc:
-        _STRINGS[:] = [voc, np.array(list(voc), dtype=object)]
-    return _STRINGS[1]
 
 
 def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -> dict:
@@ -344,7 +334,7 @@ def _quantiles(hist: np.ndarray, edges: np.ndarray, qs: np.ndarray, top: float) 
     if not total:
         return [0.0] * len(qs)
     cdf = np.concatenate([[0], np.cumsum(hist)]) / total
-    le = _log_edges(edges)
+    le = np.log10(edges)
     first = int(np.flatnonzero(hist)[0])
     i = np.clip(np.searchsorted(cdf, qs, side="left") - 1, first, len(hist) - 1)
     span = cdf[i + 1] - cdf[i]
@@ -352,16 +342,6 @@ def _quantiles(hist: np.ndarray, edges: np.ndarray, qs: np.ndarray, top: float) 
     out = np.minimum(10 ** (le[i] + frac * (le[i + 1] - le[i])), top).tolist()
     out[-1] = top
     return out
-
-
-_LOG_EDGES: dict = {}
-
-
-def _log_edges(edges: np.ndarray) -> np.ndarray:
-    key = (len(edges), float(edges[0]), float(edges[-1]))
-    if key not in _LOG_EDGES:
-        _LOG_EDGES[key] = np.log10(edges)
-    return _LOG_EDGES[key]
 
 
 def _prompt(p: dict, voc, carded, prefix) -> dict:
