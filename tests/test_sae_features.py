@@ -297,13 +297,37 @@ def test_last_block_at_window_positions_equals_the_full_block(extra):
                                                       d_vocab=50, act_fn="gelu", **extra)).eval()
     for w in model.parameters():
         torch.nn.init.normal_(w, std=0.3)
-    assert _window_block_ok(model)
+    assert _window_block_ok(model, 24)
     q = torch.as_tensor(np.clip(np.array([3, 0, 20, 10, 17])[:, None] + np.arange(-3, 4), 0, 23))
     with torch.inference_mode():
         resid = model(torch.randint(0, 50, (5, 24)), stop_at_layer=1)
         full = _gather(model(resid, start_at_layer=1, stop_at_layer=2), q)
         assert torch.allclose(_last_block_at(model.blocks[1], resid, q), full, atol=1e-5)
         assert not torch.allclose(_last_block_at(model.blocks[1], resid, (q + 1).clamp(max=23)), full, atol=1e-2)
+
+
+def test_spliced_losses_from_the_kept_stream_equal_the_run_from_tokens():
+    from sae_lens import Transcoder, TranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from reportgen.probes.sae import Spliced, entry_hook, spliced_losses
+
+    model = to_hooked(make_lm(4).state_dict(), make_lm(4).cfg)
+    torch.manual_seed(2)
+    transcoder = Transcoder(TranscoderConfig(d_in=32, d_sae=40, d_out=32, apply_b_dec_to_input=False, metadata=SAEMetadata(
+        hook_name="blocks.0.hook_resid_mid", hook_name_out="blocks.0.hook_resid_post", model_name="tiny")))
+    tokens = np.random.default_rng(3).integers(0, 256, (6, 16))
+    inputs, scored = mask_tokens(tokens, 0.2, 257, 0)
+    for sae in (topk_sae(), topk_sae("blocks.1.hook_resid_pre"), transcoder):
+        sp = Spliced(sae)
+        entry, _ = entry_hook(sp, model.cfg.n_layers)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(torch.as_tensor(inputs), names_filter=[entry])
+        got = spliced_losses(model, sp, inputs, tokens, scored, "cpu", 4, cache[entry])  # as the probe keeps it
+        want = spliced_losses(model, sp, inputs, tokens, scored, "cpu", 4)
+        assert got["zero"] > got["sae"] > 0
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-5), (sp.out_hook, k)
 
 
 def test_logits_go_through_the_final_norm_when_it_can_be_folded():

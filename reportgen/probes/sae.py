@@ -272,13 +272,14 @@ def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, bat
     """Summed CE over the scored positions with the SAE's reconstruction, and zeros, in place of its output hook.
     An SAE that writes to the residual stream (hook_resid_pre / hook_resid_post) is run from `kept`, that
     stream as the probe kept it [N, T, d] (N >= len(inputs)), when there is one: the same runs without the
-    blocks before it."""
+    blocks before it. A transcoder always runs from the tokens (it encodes another hook)."""
     import torch
 
     from .common import loss_terms
 
     entry, start = entry_hook(sp, model.cfg.n_layers)
-    direct = kept is not None and bool(entry) and sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post"))
+    direct = (kept is not None and bool(entry) and not sp.transcoder  # a transcoder reads another hook
+              and sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post")))
     sums = {"sae": 0.0, "zero": 0.0}
     with torch.inference_mode():
         for lo in range(0, len(inputs), batch):
@@ -289,9 +290,8 @@ def spliced_losses(model, sp: Spliced, inputs, targets, scored, device: str, bat
             else:
                 x = torch.as_tensor(inputs[lo:lo + batch], device=device)
             for name in sums:
-                if direct:
-                    new = torch.zeros_like(r) if name == "zero" else sp.replace(r, sp.decode(sp.encode(sp.flat(r))))
-                    logits = model(new, start_at_layer=start)
+                if direct:  # the output hook's replacement, applied to the stream the probe kept there
+                    logits = model(_splice_hooks(sp, name)[-1][1](r, None), start_at_layer=start)
                 else:
                     logits = model.run_with_hooks(x, fwd_hooks=_splice_hooks(sp, name))
                 ce, _ = loss_terms(logits, tg, sc)
@@ -391,7 +391,7 @@ def _from(model, resid, start: int, entry: str, q, hooks=()):
     cfg = model.cfg
     L = cfg.n_layers
     later = any(layer_of(h) is None or layer_of(h) >= L - 1 for h, _ in hooks)
-    if start < L and not later and _window_block_ok(model):
+    if start < L and not later and _window_block_ok(model, resid.shape[1]):
         kw = {"stop_at_layer": L - 1, **({"start_at_layer": start} if entry else {})}
         if start < L - 1 or not entry:
             resid = model.run_with_hooks(resid, fwd_hooks=list(hooks), **kw) if hooks else model(resid, **kw)
@@ -405,8 +405,8 @@ def _from(model, resid, start: int, entry: str, q, hooks=()):
     return final if cut else _gather(final, q)
 
 
-def _window_block_ok(model) -> bool:
-    """Whether `_last_block_at` computes the last block of this HookedTransformer as TransformerLens does:
+def _window_block_ok(model, T: int) -> bool:
+    """Whether `_last_block_at` computes the last block of this HookedTransformer on T positions as TransformerLens does:
     a pre-norm block with a plain attention (global or local, causal or not; no position-dependent parts
     other than rotary or learned absolute embeddings, no per-head inputs) and an MLP after it."""
     try:
@@ -427,7 +427,9 @@ def _window_block_ok(model) -> bool:
         return False
     if getattr(attn, "_attention_dir_override", None) is not None:
         return False
-    return cfg.positional_embedding_type in ("standard", "rotary")
+    if cfg.positional_embedding_type == "rotary":
+        return attn.rotary_cos.shape[0] >= T  # TransformerLens extends its tables beyond that
+    return cfg.positional_embedding_type == "standard"
 
 
 def _last_block_at(block, x, q):
@@ -528,9 +530,9 @@ def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need:
             s["explained_variance"] = float("nan")
         s["variance_tokens"] = int(var_tokens)
         losses = {}
+        entry, _ = entry_hook(sp, model.cfg.n_layers)
         if loss_seqs and clean[1]:
             losses["clean"] = clean[0] / clean[1]
-            entry, _ = entry_hook(sp, model.cfg.n_layers)
             for name, v in spliced_losses(model, sp, inputs[:loss_seqs], targets[:loss_seqs], scored_loss, device,
                                           batch, (kept or {}).get(entry)).items():
                 losses[name] = v / clean[1]
@@ -547,7 +549,6 @@ def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need:
         pairs = [(j, int(t), w) for j in chosen for t, w in zip(s["top_tok"][j][:per], s["top_win"][j][:per]) if t >= 0]
         s["ablation"] = {}
         if pairs:
-            entry, _ = entry_hook(sp, model.cfg.n_layers)
             eff = ablation_effects(model, sp, pairs, inputs, targets, device, batch, (kept or {}).get(entry), clean_nll)
             for (j, t, _), e in zip(pairs, eff):
                 s["ablation"].setdefault(j, {})[t] = e
