@@ -71,38 +71,63 @@ def _ctx(x: dict, peak: float, label: str | None = None) -> str:
     from markupsafe import Markup, escape
 
     texts = [_tok_plain(t) for t in x["t"]]
-
-    def line(cls: str, attrs: str, head: str, styled) -> str:
-        out = [f'<div class="{cls}"{attrs}><b>{head}</b>']
-        for (text, one), (c, a) in zip(texts, styled):
-            if one and not c:
-                out.append(text)
-            else:
-                out.append(f'<i{f" class={chr(34)}{c}{chr(34)}" if c else ""}{a}>{text}</i>')
-        out.append("</div>")
-        return "".join(out)
-
     at = x["at"]
-    styled = []
-    for i, a in enumerate(x["a"]):
-        lvl = 0 if not peak or a <= 0 else max(1, min(HEAT_LEVELS, round(HEAT_LEVELS * a / peak)))
-        cls = f"h{lvl}" if lvl else ""
-        if i == at:
-            cls = f"{cls} at" if cls else "at"
-        styled.append((cls, f' data-a="{a:.3g}"' if a else ""))
-    html = line("ctx", f' data-o="{x.get("o", "")}"', escape(label or _num(x["activation"], 2)), styled)
+    head = escape(label) if label else (f"{x['activation']:.2f}" if isinstance(x["activation"], float)
+                                        else escape(_num(x["activation"], 2)))
+    out = [f'<div class="ctx" data-o="{x.get("o", "")}"><b>{head}</b>']
+    put = out.append
+    scale = HEAT_LEVELS / peak if peak else 0.0
+    for i, ((text, one), a) in enumerate(zip(texts, x["a"])):
+        if not a and i != at:  # the common case: a token where the feature does not fire
+            put(text if one else f"<i>{text}</i>")
+            continue
+        lvl = max(1, min(HEAT_LEVELS, round(scale * a))) if scale and a > 0 else 0
+        cls = (f"h{lvl} at" if lvl else "at") if i == at else f"h{lvl}" if lvl else ""
+        attr = f' data-a="{a:.3g}"' if a else ""
+        put(f'<i class="{cls}"{attr}>{text}</i>' if cls else f"<i{attr}>{text}</i>")
+    put("</div>")
     if x.get("ablation"):
         d = [e for e in x["ablation"] if e is not None]
         worst = max(d, key=abs) if d else 0.0
         scale = max(abs(worst), 1e-9)
-
-        def shade(e):
+        put(f'<div class="ctx abl"><b>{"+" if worst >= 0 else ""}{worst:.2f}</b>')
+        for (text, one), e in zip(texts, x["ablation"]):
             if e is None or abs(e) < 0.05 * scale:
-                return "", ""
-            return f'{"up" if e > 0 else "dn"}{max(1, min(4, round(4 * abs(e) / scale)))}', f' data-d="{e:+.2g}"'
+                put(text if one else f"<i>{text}</i>")
+            else:
+                put(f'<i class="{"up" if e > 0 else "dn"}{max(1, min(4, round(4 * abs(e) / scale)))}" data-d="{e:+.2g}">{text}</i>')
+        put("</div>")
+    return Markup("".join(out))
 
-        html += line("ctx abl", "", f'{"+" if worst >= 0 else ""}{worst:.2f}', [shade(e) for e in x["ablation"]])
-    return Markup(html)
+
+def _card_contexts(f: dict, on_paper: bool = False) -> str:
+    """A feature card's contexts as HTML (Markup): its top ones, then one group per quantile interval, highest
+    first, under a line naming the interval's range. On paper: the top 4 and one per interval."""
+    from markupsafe import Markup
+
+    peak = f["max_activation"]
+    parts = [_ctx(x, peak) for x in (f["examples"][:4] if on_paper else f["examples"])]
+    first = True
+    for iv in reversed(f["intervals"]):
+        if not iv["examples"]:
+            continue
+        share = f" · each interval {_pct(iv['share'], 0)} of firings" if first else ""
+        parts.append(f'<div class="ivl">{_num(iv["lo"], 2)}–{_num(iv["hi"], 2)}{share}</div>')
+        parts.extend(_ctx(x, peak) for x in (iv["examples"][:1] if on_paper else iv["examples"]))
+        first = False
+    return Markup("\n".join(parts))
+
+
+def _logit_rows(f: dict) -> str:
+    """A feature card's logit table body (Markup): per row the token it raises most and the one it lowers most,
+    each with its logit change, down the longer of the two lists."""
+    from itertools import zip_longest
+
+    from markupsafe import Markup
+
+    cell = lambda e: f"<b>{_tok(e['token'])}</b> {e['value']:.2f}" if e else ""  # noqa: E731
+    return Markup("".join(f"<tr><td>{cell(p)}</td><td>{cell(n)}</td></tr>\n"
+                          for p, n in zip_longest(f["logits_pos"], f["logits_neg"])))
 
 
 @lru_cache(maxsize=16384)
@@ -175,6 +200,8 @@ def _environment(override: str | None):
     env.filters["tok"] = _tok
     env.filters["bars"] = _bars
     env.filters["ctx"] = _ctx
+    env.filters["card_contexts"] = _card_contexts
+    env.filters["logit_rows"] = _logit_rows
     return env
 
 
