@@ -195,48 +195,36 @@ def _hover(trace, blocks: list) -> dict | None:
 
 
 class _Cooc:
-    """Which features fire together, over the tokens whose codes the probe kept: (token, feature) pairs."""
+    """Which features fire together, over the tokens whose codes the probe kept: (token, feature) pairs, as a
+    sparse tokens x features matrix A; the counts for a set of features are rows of A^T A (a sparse product,
+    in chunks of rows whose dense counts stay bounded)."""
 
-    CHUNK = 1 << 22  # (feature, pair) entries expanded at once
+    CHUNK = 1 << 22  # dense (feature, feature) counts held at once
 
     def __init__(self, pairs: np.ndarray, d: int):
+        import scipy.sparse as sp  # sae_lens imports it already
+
         self.d = d
         tok, feat = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
         if len(tok) > 1 and (tok[1:] < tok[:-1]).any():  # the probe writes them in token order
             o = np.argsort(tok, kind="stable")
             tok, feat = tok[o], feat[o]
-        self.feat_by_tok = feat
-        self.tok_start = np.searchsorted(tok, np.arange((int(tok.max()) + 2) if len(tok) else 1))
-        o = np.argsort(feat.astype(np.uint16) if d <= 1 << 16 else feat, kind="stable")  # 16 bits: a radix sort
-        self.feat_start = np.searchsorted(feat[o], np.arange(d + 1))
-        self.tok_by_feat = tok[o]
+        n_tok = int(tok.max()) + 1 if len(tok) else 0
+        start = np.searchsorted(tok, np.arange(n_tok + 1))
+        self.A = sp.csr_matrix((np.ones(len(feat), np.int32), feat, start), shape=(n_tok, d))  # int32: exact
+        self.At = self.A.T.tocsr()
+        self.n_fire = np.diff(self.At.indptr)
 
     def top(self, feats: list, k: int) -> dict:
         """For each feature j of feats: (tokens j fires on, [(feature, tokens both fire on)] of the k features
-        firing with j most, ties to the lower id), all at once in chunks of bounded size."""
-        out, chunk, size = {}, [], 0
-        for j in feats:
-            n = self.feat_start[j + 1] - self.feat_start[j]
-            chunk.append(j)
-            size += n * 32
-            if size >= self.CHUNK:
-                out.update(self._top(chunk, k))
-                chunk, size = [], 0
-        if chunk:
-            out.update(self._top(chunk, k))
+        firing with j most, ties to the lower id)."""
+        out, rows = {}, max(1, self.CHUNK // max(self.d, 1))
+        for lo in range(0, len(feats), rows):
+            out.update(self._top(np.asarray(feats[lo:lo + rows], np.int64), k))
         return out
 
-    def _top(self, feats: list, k: int) -> dict:
-        fs = np.asarray(feats, np.int64)
-        a, b = self.feat_start[fs], self.feat_start[fs + 1]
-        n_fire = b - a
-        row = np.repeat(np.arange(len(fs)), n_fire)
-        toks = self.tok_by_feat[np.repeat(a - (np.cumsum(n_fire) - n_fire), n_fire) + np.arange(n_fire.sum())]
-        lo, hi = self.tok_start[toks], self.tok_start[toks + 1]
-        lens = hi - lo
-        idx = np.repeat(lo - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())  # every pair at those tokens
-        counts = np.bincount(np.repeat(row, lens) * self.d + self.feat_by_tok[idx],
-                             minlength=len(fs) * self.d).reshape(len(fs), self.d)
+    def _top(self, fs: np.ndarray, k: int) -> dict:
+        counts = (self.At[fs] @ self.A).toarray().astype(np.int64)
         counts[np.arange(len(fs)), fs] = 0
         kk = min(k, self.d)
         if kk:  # the kk largest counts per row, ties to the lower id: a unique key, partitioned then sorted
@@ -245,8 +233,8 @@ class _Cooc:
             best = np.take_along_axis(part, np.argsort(-np.take_along_axis(key, part, 1), axis=1), 1)
         else:
             best = np.zeros((len(fs), 0), np.int64)
-        return {int(j): (int(n_fire[r]), [(int(f), int(counts[r, f])) for f in best[r] if counts[r, f] > 0])
-                for r, j in enumerate(fs)}
+        return {int(j): (int(self.n_fire[j]), [(int(f), int(counts[r, f])) for f in best[r] if counts[r, f] > 0])
+                for r, j in enumerate(fs.tolist())}
 
 
 def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc: np.ndarray) -> list[dict]:
