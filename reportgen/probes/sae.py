@@ -86,21 +86,27 @@ class _Best:
         self.val = torch.zeros((d, K), device=device)
         self.win = torch.full((d, K, 2 * c + 1), math.nan, dtype=torch.float16, device=device)
 
-    def offer(self, cols, score, tok, val, f, base: int, T: int):
+    def offer(self, cols, score, tok, val, f, base: int, T: int, unit: bool = False):
+        """Entries (feature, score, token, activation) in token order; `unit`: scores in (-1, 0] (the sample's
+        random keys), sorted by feature and score at once."""
         import torch
 
-        keep = score > self.score[cols, -1]
-        if not bool(keep.any()):
+        idx = (score > self.score[cols, -1]).nonzero().squeeze(1)
+        if not len(idx):
             return
-        cols, score, tok, val = cols[keep], score[keep], tok[keep], val[keep]
-        o = torch.argsort(score, descending=True, stable=True)  # entries arrive in token order
-        o = o[torch.argsort(cols[o], stable=True)]
-        cols, score, tok, val = cols[o], score[o], tok[o], val[o]
-        feats, inv, cnt = torch.unique_consecutive(cols, return_inverse=True, return_counts=True)
+        c = cols[idx]
+        if unit and self.score.shape[0] < 1 << 29:  # feature + key in float64 is exact: one stable sort
+            o = torch.argsort(c.double() - score[idx].double(), stable=True)
+        else:  # best first, ties to the earlier token, then grouped by feature
+            o = torch.argsort(score[idx], descending=True, stable=True)
+            o = o[torch.argsort(c[o], stable=True)]
+        idx, c = idx[o], c[o]
+        feats, inv, cnt = torch.unique_consecutive(c, return_inverse=True, return_counts=True)
         start = torch.cumsum(cnt, 0) - cnt
-        rank = torch.arange(len(cols), device=cols.device) - start[inv]
+        rank = torch.arange(len(c), device=c.device) - start[inv]
         k = rank < self.K
-        cols, score, tok, val, inv, rank = cols[k], score[k], tok[k], val[k], inv[k], rank[k]
+        idx, inv, rank = idx[k], inv[k], rank[k]
+        cols, score, tok, val = cols[idx], score[idx], tok[idx], val[idx]
         m = len(feats)
         cs = torch.full((m, self.K), -math.inf, device=score.device)
         ct = torch.full((m, self.K), -1, dtype=torch.int64, device=score.device)
@@ -159,7 +165,7 @@ class FeatureStream:
         tok = rows + base
         self.top.offer(cols, val, tok, val, f, base, self.T)
         key = torch.rand(len(val), generator=self.gen, device=val.device)
-        self.sample.offer(cols, -key, tok, val, f, base, self.T)
+        self.sample.offer(cols, -key, tok, val, f, base, self.T, unit=True)
         if base < self.cooc_tokens:
             m = tok < self.cooc_tokens
             self.cooc.append(torch.stack([tok[m], cols[m]], 1).to(torch.int32).cpu())
