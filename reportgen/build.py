@@ -38,8 +38,9 @@ def plan(ref, opts: BuildOptions, params: dict, out: Path) -> Job:
     return Job(ref, kind, out / ref.run / ref.name, sha, cache_key(sha, kind, opts, params, files))
 
 
-def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
-    """Build every checkpoint's report and the site index; returns the report folders.
+def run_build(opts: BuildOptions, timer: Timer | None = None, exiting: bool = False) -> list[Path]:
+    """Build every checkpoint's report and the site index; returns the report folders. `exiting`: the process
+    ends after this (the command line), so what was loaded stays frozen (see `kinds.collection_deferred`).
 
     Reports whose inputs are unchanged are skipped before torch, matplotlib or WeasyPrint is imported,
     so a rebuild with nothing new costs little more than hashing the inputs."""
@@ -74,57 +75,60 @@ def run_build(opts: BuildOptions, timer: Timer | None = None) -> list[Path]:
         from .render import RenderWorker
 
         worker = RenderWorker()  # imports WeasyPrint in parallel with torch below
+    from .kinds import collection_deferred
+
     try:
-        if todo:
-            with timer("imports"):
-                import torch  # the heavy imports, timed apart from the work
-                import matplotlib  # noqa: F401
-                from matplotlib.figure import Figure  # noqa: F401
-            if opts.threads:
-                torch.set_num_threads(opts.threads)
-            from .probes import resolve_device
+        with collection_deferred(unfreeze=not exiting):  # the collector off while loading (see there)
+            if todo:
+                with timer("imports"):
+                    import torch  # the heavy imports, timed apart from the work
+                    import matplotlib  # noqa: F401
+                    from matplotlib.figure import Figure  # noqa: F401
+                if opts.threads:
+                    torch.set_num_threads(opts.threads)
+                from .probes import resolve_device
 
-            device = resolve_device(opts.device)
-        # Reports written but not yet installed, oldest first. The worker lays out one report's PDF while
-        # this process builds the next; that one is installed once the next has been handed over.
-        pending: list = []  # writer.PendingReport
-        failed = interrupted = False
-        try:
-            for i, job in todo:
-                log(opts, f"[{i}/{len(refs)}] {job.ref.path}")
-                pending.append(build_one(job, opts, params, device, timer, worker))
-                while len(pending) > (1 if worker is not None else 0):
-                    folders.append(pending.pop(0).finish())  # (its PDF is usually done by now)
-            while pending:
-                folders.append(pending.pop(0).finish())
-        except BaseException as e:
-            failed = True
-            if isinstance(e, KeyboardInterrupt):  # stop now: the reports not yet installed are dropped
-                interrupted = True
-                if worker is not None:
-                    worker.close(kill=True)
-                    worker = None
-            for p in pending:  # otherwise a complete earlier report is still installed
-                if p.done:
-                    continue
-                if interrupted:
-                    p.abort()
-                    continue
-                try:
-                    folders.append(p.finish())
-                except Exception:  # noqa: BLE001 - its own failure is secondary to the one being raised
-                    p.abort()
-            raise
-        finally:
-            # also after a later checkpoint failed (it lists the reports written); not after Ctrl-C (the next
-            # build, even one with nothing to rebuild, writes it)
-            if folders and opts.write_index and not interrupted:
-                with timer("site"):
-                    from .site import write_site
+                device = resolve_device(opts.device)
+            # Reports written but not yet installed, oldest first. The worker lays out one report's PDF while
+            # this process builds the next; that one is installed once the next has been handed over.
+            pending: list = []  # writer.PendingReport
+            failed = interrupted = False
+            try:
+                for i, job in todo:
+                    log(opts, f"[{i}/{len(refs)}] {job.ref.path}")
+                    pending.append(build_one(job, opts, params, device, timer, worker))
+                    while len(pending) > (1 if worker is not None else 0):
+                        folders.append(pending.pop(0).finish())  # (its PDF is usually done by now)
+                while pending:
+                    folders.append(pending.pop(0).finish())
+            except BaseException as e:
+                failed = True
+                if isinstance(e, KeyboardInterrupt):  # stop now: the reports not yet installed are dropped
+                    interrupted = True
+                    if worker is not None:
+                        worker.close(kill=True)
+                        worker = None
+                for p in pending:  # otherwise a complete earlier report is still installed
+                    if p.done:
+                        continue
+                    if interrupted:
+                        p.abort()
+                        continue
+                    try:
+                        folders.append(p.finish())
+                    except Exception:  # noqa: BLE001 - its own failure is secondary to the one being raised
+                        p.abort()
+                raise
+            finally:
+                # also after a later checkpoint failed (it lists the reports written); not after Ctrl-C (the next
+                # build, even one with nothing to rebuild, writes it)
+                if folders and opts.write_index and not interrupted:
+                    with timer("site"):
+                        from .site import write_site
 
-                    # the overviews' PDFs are laid out by the warm worker, unless the build is failing
-                    write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats, dpi=opts.dpi,
-                               worker=worker if not failed else None)
+                        # the overviews' PDFs are laid out by the warm worker, unless the build is failing
+                        write_site(out, __version__, {job.ref.run for _, job in todo}, pdf="pdf" in opts.formats, dpi=opts.dpi,
+                                   worker=worker if not failed else None)
     finally:
         if worker is not None:
             worker.close()
@@ -188,10 +192,11 @@ def build_one(job: Job, opts: BuildOptions, params: dict, device: str, timer: Ti
     """Gather a checkpoint's data (its kind loads, probes and analyses), then write its report into a staged
     folder. Returns a `PendingReport`; `finish()` installs it once its PDF is done (the worker lays it out while
     this process goes on with the next checkpoint)."""
-    from .kinds import GatherContext
+    from .kinds import GatherContext, freeze_loaded
     from .writer import write_report
 
     gc = GatherContext(device=device, timer=timer, log=lambda m: log(opts, m),
                        make_progress=lambda what: progress(opts, what))
     gathered = job.kind.gather(job, opts, params, gc)
+    freeze_loaded()  # the built-in kinds did so before their probe; a plugin kind may not have
     return write_report(job, opts, gathered, timer, worker)

@@ -173,7 +173,7 @@ def build(timings, debug, eval_, no_index, **kw):
         from .build import BuildOptions, Timer, run_build  # noqa: F401
 
         timer = Timer()
-        run_build(_options(kw, eval_, no_index), timer)
+        run_build(_options(kw, eval_, no_index), timer, exiting=True)
         if timings:
             import json
 

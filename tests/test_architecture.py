@@ -128,7 +128,7 @@ def test_child_command_line_carries_every_option(monkeypatch):
                 if getattr(odd, f.name) == getattr(defaults, f.name) and f.name not in ("jobs", "executor", "train_sae")]
     assert not untested, f"give these fields non-default values above: {untested}"
     seen = []
-    monkeypatch.setattr(sys.modules["reportgen.build"], "run_build", lambda opts, timer=None: seen.append(opts))
+    monkeypatch.setattr(sys.modules["reportgen.build"], "run_build", lambda opts, timer=None, **kw: seen.append(opts))
     argv = command_line(odd, odd.ckpts)
     assert argv[1:4] == ["-m", "reportgen", "build"]
     r = CliRunner().invoke(main, argv[3:])

@@ -339,6 +339,31 @@ def test_python_api_builds_like_the_cli(tiny_run, tmp_path):
                            formats=["html"], quiet=True) == [tmp_path / "tiny-run" / "step_200"]
 
 
+def test_python_api_leaves_the_garbage_collector_as_it_was(tiny_run, tmp_path):
+    """A build pauses the cyclic collector while it loads and freezes what it loaded; a process that goes on after
+    reportgen.build (a training loop, a notebook) gets its collector back as it was, also after a failed build."""
+    import gc
+
+    import reportgen
+    from reportgen.errors import ReportgenError
+
+    gc.unfreeze()  # what a CLI build run in this test process (CliRunner) left frozen
+    assert gc.isenabled()
+    reportgen.build(tiny_run["run"] / "step_100", out=tmp_path, data=str(tiny_run["data"]), samples=2,
+                    formats=["html"], quiet=True, force=True)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(ReportgenError):  # fails while gathering, after the collector was paused
+        reportgen.build(tiny_run["run"] / "step_100", out=tmp_path / "b", data=str(tmp_path / "missing"), quiet=True)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()  # a process that turned it off itself keeps it off
+    try:
+        reportgen.build(tiny_run["run"] / "step_100", out=tmp_path, data=str(tiny_run["data"]), samples=2,
+                        formats=["html"], quiet=True, force=True)
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+
+
 def test_figure_pdfs_for_latex_embed_truetype_fonts(tiny_run, tmp_path):
     import pypdf
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ReportgenError, first_line
+from . import freeze_loaded
 
 NAME = "lm"
 DESCRIPTION = "seed-004 RestorationModel, TransformerLens"
@@ -267,6 +268,7 @@ def gather_lm(job, opts, params: dict, gc, load):
     log(f"  probing {tokens.shape[0]} sequences × {tokens.shape[1]} tokens on {device} (loss over {n_eval}"
         + (f", capped at {cap}: --eval N for more" if capped else "") + f"; activations over {n_act})"
         + (f" with {'SAEs' if len(saes) > 1 else 'the SAE'} at {', '.join(sp.hook for sp in saes)}" if saes else ""))
+    freeze_loaded()
     with timer("probe"):
         trace = probe_lm(subject, tokens, inputs, scored, needs, device, budget=budget, samples=max(opts.samples, 1),
                          sae=saes or None, progress=progress, n_eval=n_eval, n_act=n_act, log=log)

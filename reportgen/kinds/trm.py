@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import ReportgenError
+from . import freeze_loaded
 
 NAME = "trm"
 DESCRIPTION = "TRM"  # as the error on an unknown checkpoint lists the kinds
@@ -125,6 +126,7 @@ def gather(job, opts, params: dict, gc):
         gc.log(f"  note: {cfg.forward_dtype} on a CPU is usually several times slower than --dtype float32")
     # the recursion analysis asks for the latents inside each step (its parameter `cycles`: H or L)
     cycles = next((params[m.NAME].cycles for m in selected if getattr(m, "NEEDS_CYCLES", False)), None)
+    freeze_loaded()
     with timer("probe"):
         ev, trace = run_trm(subject, split.inputs[rows], split.labels[rows], split.puzzle_identifiers[rows], rows, keep,
                             device, batch, progress=gc.make_progress("puzzles"), cycles=cycles)
