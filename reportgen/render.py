@@ -62,7 +62,7 @@ def _tok(s: str):
 HEAT_LEVELS = 8
 
 
-def _ctx(x: dict, peak: float, label: str | None = None) -> str:
+def _ctx(x: dict, peak: float) -> str:
     """One context of a feature card as compact HTML (Markup): `<div class="ctx" data-o=FLAT>` holding the
     activation, then the tokens. Neighbours that do not fire and show as one character each are one text run
     (the page's script splits it per character on hover); every other token is an `<i>`: a firing one
@@ -72,9 +72,7 @@ def _ctx(x: dict, peak: float, label: str | None = None) -> str:
 
     texts = [_tok_plain(t) for t in x["t"]]
     at = x["at"]
-    head = escape(label) if label else (f"{x['activation']:.2f}" if isinstance(x["activation"], float)
-                                        else escape(_num(x["activation"], 2)))
-    out = [f'<div class="ctx" data-o="{x.get("o", "")}"><b>{head}</b>']
+    out = [f'<div class="ctx" data-o="{x.get("o", "")}"><b>{escape(_num(x["activation"], 2))}</b>']
     put = out.append
     scale = HEAT_LEVELS / peak if peak else 0.0
     for i, ((text, one), a) in enumerate(zip(texts, x["a"])):
@@ -199,7 +197,6 @@ def _environment(override: str | None):
     env.filters["metric"] = _metric
     env.filters["tok"] = _tok
     env.filters["bars"] = _bars
-    env.filters["ctx"] = _ctx
     env.filters["card_contexts"] = _card_contexts
     env.filters["logit_rows"] = _logit_rows
     return env
