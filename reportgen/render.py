@@ -184,14 +184,9 @@ def _environment(override: str | None):
     import jinja2
 
     paths = ([override] if override else []) + [str(templates_dir())] + plugin_template_dirs()
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(paths),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
+    settings = {"autoescape": True, "undefined": jinja2.StrictUndefined, "trim_blocks": True, "lstrip_blocks": True,
+                "keep_trailing_newline": True}
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(paths), bytecode_cache=_bytecode_cache(settings), **settings)
     env.filters["pct"] = _pct
     env.filters["num"] = _num
     env.filters["metric"] = _metric
@@ -200,6 +195,26 @@ def _environment(override: str | None):
     env.filters["card_contexts"] = _card_contexts
     env.filters["logit_rows"] = _logit_rows
     return env
+
+
+def _bytecode_cache(settings: dict):
+    """Jinja's cache of compiled templates, in its own per-user folder under the temporary directory (created
+    private, 0700, and checked to be the user's by Jinja): compiling the SAE report's templates took 0.06 s
+    of every build. An entry is used only for the same template file with the same source (Jinja checks),
+    and its name carries the reportgen and Jinja versions and these settings, which the compiled code depends
+    on. None (compile every time) where that folder cannot be made or is not safe."""
+    import hashlib
+
+    import jinja2
+
+    from ._version import __version__
+
+    tag = hashlib.sha256(repr((__version__, jinja2.__version__, sorted((k, repr(v)) for k, v in settings.items())))
+                         .encode()).hexdigest()[:16]
+    try:
+        return jinja2.FileSystemBytecodeCache(pattern=f"__reportgen_{tag}_%s.cache")
+    except (OSError, RuntimeError):
+        return None
 
 
 def render(template: str, **context) -> str:

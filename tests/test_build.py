@@ -390,6 +390,30 @@ def test_build_command_keeps_freed_memory_for_the_next_batch():
     assert run("1", {"MALLOC_ARENA_MAX": "2"})[0] == "False"
 
 
+def test_compiled_templates_are_reused_and_follow_their_source(tmp_path, monkeypatch):
+    """Compiled templates are cached across processes (a new environment loads them), and a template edited
+    since (e.g. in --templates DIR) is compiled again."""
+    from reportgen import render as R
+
+    monkeypatch.setattr(R, "_OVERRIDE", [str(tmp_path)])
+    page = tmp_path / "x.html"
+    page.write_text("one {{ 1|num }}")
+    R._environment.cache_clear()
+    env = R.environment()
+    cache = env.bytecode_cache
+    assert cache is not None and env.get_template("x.html").render() == "one 1"
+    R._environment.cache_clear()
+    env2 = R.environment()
+    loaded = []
+    real = type(cache).load_bytecode
+    monkeypatch.setattr(type(cache), "load_bytecode", lambda self, b: (real(self, b), loaded.append(b.code is not None)))
+    assert env2.get_template("x.html").render() == "one 1" and loaded == [True]
+    page.write_text("two {{ 2|num }}")
+    R._environment.cache_clear()
+    assert R.environment().get_template("x.html").render() == "two 2"
+    R._environment.cache_clear()
+
+
 def test_figure_pdfs_for_latex_embed_truetype_fonts(tiny_run, tmp_path):
     import pypdf
 
