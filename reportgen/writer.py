@@ -113,11 +113,56 @@ def write_report(job, opts, gathered, timer, worker=None) -> PendingReport:
 
 def data_json(data) -> str:
     """An analysis's data as JSON text: indented when small (to read and diff), else compact, which Python's
-    C encoder writes many times faster than indented text (an SAE section's cards hold ~10^5 values)."""
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False, default=_json_default)
+    C encoder writes many times faster than indented text (an SAE section's cards hold ~10^5 values). A list
+    or dict that the data holds more than once near its top (an SAE section repeats its first SAE's block,
+    cards included, at the top level) is encoded once; the text is the same."""
+    text = _compact(data)
     if len(text) <= 1 << 16:
         text = json.dumps(data, indent=1, allow_nan=False, default=_json_default)
     return text + "\n"
+
+
+def _compact(data, depth: int = 3) -> str:
+    """json.dumps(data) with compact separators, where a container met again within `depth` levels reuses
+    the text written for it the first time."""
+    dumps = lambda o: json.dumps(o, separators=(",", ":"), allow_nan=False, default=_json_default)  # noqa: E731
+    seen: dict[int, int] = {}
+
+    def walk(o, d):
+        if isinstance(o, (dict, list)):
+            seen[id(o)] = seen.get(id(o), 0) + 1
+            if d and seen[id(o)] == 1:
+                for v in (o.values() if isinstance(o, dict) else o):
+                    walk(v, d - 1)
+    walk(data, depth)
+    shared = {i for i, n in seen.items() if n > 1}
+    if not shared:
+        return dumps(data)
+    holds: dict[int, bool] = {}  # whether a container holds a shared one within the walked levels
+
+    def has(o, d) -> bool:
+        if not isinstance(o, (dict, list)):
+            return False
+        if id(o) not in holds:
+            holds[id(o)] = id(o) in shared or bool(d) and any(has(v, d - 1) for v in (
+                o.values() if isinstance(o, dict) else o))
+        return holds[id(o)]
+    memo: dict[int, str] = {}
+
+    def enc(o, d) -> str:
+        if id(o) in memo:
+            return memo[id(o)]
+        if d and has(o, d) and (isinstance(o, list) or all(isinstance(k, str) for k in o)):
+            if isinstance(o, dict):
+                text = "{" + ",".join(dumps(k) + ":" + enc(v, d - 1) for k, v in o.items()) + "}"
+            else:
+                text = "[" + ",".join(enc(v, d - 1) for v in o) + "]"
+        else:
+            text = dumps(o)
+        if id(o) in shared:
+            memo[id(o)] = text
+        return text
+    return enc(data, depth)
 
 
 def _json_default(o):

@@ -414,6 +414,21 @@ def test_compiled_templates_are_reused_and_follow_their_source(tmp_path, monkeyp
     R._environment.cache_clear()
 
 
+def test_data_json_is_json_dumps_with_shared_parts_written_once():
+    """An analysis's data file holds the same text as json.dumps, also where a block appears twice (an SAE
+    section's first SAE at the top level and in `saes`), and still refuses NaN."""
+    from reportgen.writer import data_json
+
+    cards = [{"id": i, "a": [np.float32(0.5) * i, 1.25], "t": ["x", "\u2028é"]} for i in range(3000)]
+    block = {"features": cards, "l0": 3.5, "hook": "blocks.0.hook_resid_post", "keys": {1: "int key"}}
+    data = {**block, "saes": [block, {**block, "features": cards[:5]}], "n": None, "ok": True}
+    want = json.dumps(data, separators=(",", ":"), default=lambda o: o.item())
+    assert len(want) > 1 << 16 and data_json(data) == want + "\n"
+    assert json.loads(data_json({"a": cards[:1], "b": cards[:1]}))["b"] == json.loads(json.dumps(cards[:1], default=lambda o: o.item()))
+    with pytest.raises(ValueError):
+        data_json({**data, "bad": [float("nan")]})
+
+
 def test_figure_pdfs_for_latex_embed_truetype_fonts(tiny_run, tmp_path):
     import pypdf
 
