@@ -209,10 +209,26 @@ def _bytecode_cache(settings: dict):
 
     from ._version import __version__
 
+    class Cache(jinja2.FileSystemBytecodeCache):
+        """A cache that never fails a build: an entry that cannot be read is compiled again, one that cannot be
+        written (a full disk) is not kept."""
+
+        def load_bytecode(self, bucket):
+            try:
+                super().load_bytecode(bucket)
+            except Exception:  # noqa: BLE001
+                bucket.reset()
+
+        def dump_bytecode(self, bucket):
+            try:
+                super().dump_bytecode(bucket)
+            except OSError:
+                pass
+
     tag = hashlib.sha256(repr((__version__, jinja2.__version__, sorted((k, repr(v)) for k, v in settings.items())))
                          .encode()).hexdigest()[:16]
     try:
-        return jinja2.FileSystemBytecodeCache(pattern=f"__reportgen_{tag}_%s.cache")
+        return Cache(pattern=f"__reportgen_{tag}_%s.cache")
     except (OSError, RuntimeError):
         return None
 

@@ -393,6 +393,8 @@ def test_build_command_keeps_freed_memory_for_the_next_batch():
 def test_compiled_templates_are_reused_and_follow_their_source(tmp_path, monkeypatch):
     """Compiled templates are cached across processes (a new environment loads them), and a template edited
     since (e.g. in --templates DIR) is compiled again."""
+    import jinja2
+
     from reportgen import render as R
 
     monkeypatch.setattr(R, "_OVERRIDE", [str(tmp_path)])
@@ -405,10 +407,15 @@ def test_compiled_templates_are_reused_and_follow_their_source(tmp_path, monkeyp
     R._environment.cache_clear()
     env2 = R.environment()
     loaded = []
-    real = type(cache).load_bytecode
-    monkeypatch.setattr(type(cache), "load_bytecode", lambda self, b: (real(self, b), loaded.append(b.code is not None)))
+    real = jinja2.FileSystemBytecodeCache.load_bytecode
+    monkeypatch.setattr(jinja2.FileSystemBytecodeCache, "load_bytecode",
+                        lambda self, b: (real(self, b), loaded.append(b.code is not None)))
     assert env2.get_template("x.html").render() == "one 1" and loaded == [True]
     page.write_text("two {{ 2|num }}")
+    R._environment.cache_clear()
+    assert R.environment().get_template("x.html").render() == "two 2"
+    for f in Path(cache.directory).glob("__reportgen_*"):  # a damaged entry is compiled again
+        f.write_bytes(f.read_bytes()[:40])
     R._environment.cache_clear()
     assert R.environment().get_template("x.html").render() == "two 2"
     R._environment.cache_clear()
