@@ -183,7 +183,7 @@ def test_streamed_statistics_equal_brute_force_and_do_not_depend_on_batches(monk
         assert np.allclose(x["a"], col[start:start + len(x["t"])], rtol=1e-3, atol=1e-3)  # kept as float16
         for iv in card["intervals"]:
             for e in iv["examples"]:
-                assert iv["lo"] - 1e-6 <= e["activation"] <= iv["hi"] + 1e-6
+                assert iv["lo"] - 5e-5 <= e["activation"] <= iv["hi"] + 5e-5  # activations rounded to 4 decimals
         # co-occurrence: the features firing with j on j's tokens (all tokens are kept here)
         on = f[col != 0] != 0
         n = on.sum(0)
