@@ -304,6 +304,32 @@ def test_last_block_at_window_positions_equals_the_full_block(extra):
         full = _gather(model(resid, start_at_layer=1, stop_at_layer=2), q)
         assert torch.allclose(_last_block_at(model.blocks[1], resid, q), full, atol=1e-5)
         assert not torch.allclose(_last_block_at(model.blocks[1], resid, (q + 1).clamp(max=23)), full, atol=1e-2)
+        # the clean keys and values kept, the stream changed at the window's positions inside the sequence only
+        k_hook, v_hook = last_block_kv_hooks(model)
+        _, cache = model.run_with_cache(resid, start_at_layer=1, stop_at_layer=2, names_filter=[k_hook, v_hook])
+        ok = torch.as_tensor((np.array([3, 0, 20, 10, 17])[:, None] + np.arange(-3, 4) >= 0)
+                             & (np.array([3, 0, 20, 10, 17])[:, None] + np.arange(-3, 4) < 24))
+        rows = torch.arange(5)[:, None].expand_as(q)
+        changed = resid.clone()
+        changed[rows[ok], q[ok]] += torch.randn(int(ok.sum()), 32)
+        full = _gather(model(changed, start_at_layer=1, stop_at_layer=2), q)
+        kv = lambda ok: (cache[k_hook].clone(), cache[v_hook].clone(), ok)  # noqa: E731
+        assert torch.allclose(_last_block_at(model.blocks[1], _gather(changed, q), q, kv(ok)), full, atol=1e-5)
+        assert not torch.allclose(_last_block_at(model.blocks[1], _gather(changed, q), q, kv(ok & False)), full,
+                                  atol=1e-2)  # keys and values not recomputed at the window: wrong
+
+
+def last_block_kv_hooks(model):
+    """The last block's key and value hooks that the probe keeps for an SAE writing to that block's input."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from reportgen.probes.sae import Spliced, last_block_kv
+
+    sae = StandardSAE(StandardSAEConfig(d_in=model.cfg.d_model, d_sae=4))
+    sae.cfg.metadata.hook_name = f"blocks.{model.cfg.n_layers - 2}.hook_resid_post"
+    hooks = last_block_kv(model, Spliced(sae), model.cfg.n_ctx)
+    assert hooks is not None
+    return hooks
 
 
 def test_spliced_losses_from_the_kept_stream_equal_the_run_from_tokens():

@@ -257,12 +257,14 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
         B = min(B, max(1, CPU_BATCH_TOKENS // T))
     # for the ablation of chosen features: the residual stream where those runs start, kept when it fits
     # (else recomputed for the few sequences needed), and the clean per-token loss at every position
-    from .sae import entry_hook
+    from .sae import entry_hook, last_block_kv
 
     ablate = want_sae and int(sn.get("ablate", 0)) > 0
     entries = sorted({entry_hook(sp, L)[0] for sp in saes} - {""}) if ablate else []
-    keep = ablate and full and n_act * T * cfg.d_model * F32 * max(len(entries), 1) <= budget // 8
-    kept = {e: [] for e in entries} if keep else {}
+    kv = sorted({h for sp in saes for h in (last_block_kv(model, sp, T) or ())}) if entries else []
+    kv_width = 2 * (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head if kv else 0
+    keep = ablate and full and n_act * T * (cfg.d_model * len(entries) + kv_width) * F32 <= budget // 8
+    kept = {e: [] for e in entries + kv} if keep else {}
     for e in kept:
         hooks.append((e, lambda x, hook, e=e: kept[e].append(x.detach().cpu()) if state["lo"] < n_act else None))
     clean_nll = [] if ablate and full else None

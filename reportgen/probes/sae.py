@@ -337,18 +337,36 @@ def entry_hook(sp: Spliced, n_layers: int) -> tuple[str, int]:
     return (f"blocks.{start}.hook_resid_pre" if start < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"), start
 
 
+def last_block_kv(model, sp: Spliced, T: int) -> tuple[str, str] | None:
+    """The hooks of the last block's keys (rotated, where rotary) and values, when the ablation of this SAE's
+    features starts at that block's input and computes it for the window alone (`_last_block_at`): the probe
+    keeps them, and the ablation recomputes keys and values only at the window's positions (the stream differs
+    nowhere else). None where that does not apply."""
+    L = model.cfg.n_layers
+    entry, start = entry_hook(sp, L)
+    if not entry or start != L - 1 or not sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post")):
+        return None
+    if not _window_block_ok(model, T):
+        return None
+    a = f"blocks.{L - 1}.attn."
+    return (a + ("hook_rot_k" if model.cfg.positional_embedding_type == "rotary" else "hook_k"), a + "hook_v")
+
+
 def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: str, batch: int, kept=None,
-                     clean_nll=None) -> list:
+                     clean_nll=None, kv=None) -> list:
     """For (feature, token index, window activations) triples, the change of the per-token loss (the target's
     negative log-probability, at every position of the window) when the feature is ablated on that context:
     the activations of its 2c+1 tokens less the feature's activation times its decoder row (the SAE's error
     kept). The runs start from the residual stream before the first block the change reaches, `kept` [N,T,d]
-    when the probe kept it, else recomputed; `clean_nll` [N,T] likewise."""
+    when the probe kept it, else recomputed; `clean_nll` [N,T] likewise; `kv`: the last block's clean keys
+    and values [N,T,heads,d_head] at the hooks `last_block_kv` names, when the probe kept them."""
     import torch
 
     T = inputs.shape[1]
     entry, start = entry_hook(sp, model.cfg.n_layers)
     direct = sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post"))
+    if kv is not None and (kept is None or last_block_kv(model, sp, T) is None):
+        kv = None
     out = []
     with torch.inference_mode():
         for lo in range(0, len(pairs), batch):
@@ -361,6 +379,19 @@ def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: s
             ok = (q >= 0) & (q < T)
             qc = torch.as_tensor(np.clip(q, 0, T - 1), device=device)
             tg = torch.as_tensor(targets[s], device=device).long().gather(1, qc)  # [B, 2c+1]
+            js = torch.as_tensor([int(j) for j, _, _ in chunk], device=device)
+            dec = sp.decoder_rows(js).to(device)  # [B, d]
+            if kv is not None and clean_nll is not None:  # the last block at the window, its clean keys and values kept
+                aw = torch.as_tensor(np.where(ok, np.nan_to_num(W), 0), dtype=torch.float32, device=device)
+                si = torch.as_tensor(s)[:, None]
+                xq = kept[si, qc.cpu()].to(device)  # the block's input at the window [B, 2c+1, d]
+                xq = xq - (aw[:, :, None] * dec[:, None, :]).to(xq.dtype)
+                clean = np.take_along_axis(np.asarray(clean_nll[s]), qc.cpu().numpy(), 1)
+                final = _last_block_at(model.blocks[model.cfg.n_layers - 1], xq, qc,
+                                       (kv[0][s].to(device), kv[1][s].to(device), torch.as_tensor(ok, device=device)))
+                d = _window_nll(model, final, tg).cpu().numpy() - clean
+                out += [np.where(k, e, np.nan).astype(np.float32) for k, e in zip(ok, d)]
+                continue
             if kept is not None:
                 resid = kept[s].to(device)
             else:
@@ -370,11 +401,10 @@ def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: s
                 clean = np.take_along_axis(np.asarray(clean_nll[s]), qc.cpu().numpy(), 1)
             else:
                 clean = _window_nll(model, _from(model, resid, start, entry, qc), tg).cpu().numpy()
-            js = torch.as_tensor([int(j) for j, _, _ in chunk], device=device)
             a = np.zeros((len(chunk), T), np.float32)
             rows = np.broadcast_to(np.arange(len(chunk))[:, None], q.shape)
             a[rows[ok], q[ok]] = np.nan_to_num(W[ok])
-            delta = torch.as_tensor(a, device=device)[:, :, None] * sp.decoder_rows(js).to(device)[:, None, :]  # [B,T,w]
+            delta = torch.as_tensor(a, device=device)[:, :, None] * dec[:, None, :]  # [B,T,d]
             if direct and entry:
                 final = _from(model, resid - delta.to(resid.dtype), start, entry, qc)
             else:
@@ -438,24 +468,38 @@ def _window_block_ok(model, T: int) -> bool:
     return cfg.positional_embedding_type == "standard"
 
 
-def _last_block_at(block, x, q):
+def _last_block_at(block, x, q, kv=None):
     """The residual stream after TransformerLens's `block` at positions q [B, w], from its input x [B, T, d]:
     keys and values from every position, queries from q's alone; the mask, rotary angles and everything after
-    the attention at q's positions (see `_window_block_ok` for the blocks this holds for)."""
+    the attention at q's positions (see `_window_block_ok` for the blocks this holds for). With kv = (K, V, ok),
+    x is the input at q's positions alone [B, w, d], and K, V [B, T, heads, d_head] are the block's keys (rotated)
+    and values for an input that differs from it only at the positions q[ok] (unique in each row): K and V are
+    overwritten there with what x gives, the rest taken as they are."""
     import torch
     import torch.nn.functional as F
 
     attn, cfg = block.attn, block.cfg
-    xn = block.ln1(x)
-    qn = _gather(xn, q)
-    qh, k, v = attn.calculate_qkv_matrices(qn, xn, xn)
-    if cfg.positional_embedding_type == "rotary":
-        T = x.shape[1]
+    rotary = cfg.positional_embedding_type == "rotary"
+    if kv is None:
+        xn = block.ln1(x)
+        qn = _gather(xn, q)
+        qh, k, v = attn.calculate_qkv_matrices(qn, xn, xn)
+        if rotary:
+            k = _rotate(attn, k, torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1))
+    else:
+        k, v, ok = kv
+        qn = block.ln1(x)
+        qh, kq, vq = attn.calculate_qkv_matrices(qn, qn, qn)
+        if rotary:
+            kq = _rotate(attn, kq, q)
+        rows = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(q)[ok]
+        k.index_put_((rows, q[ok]), kq[ok].to(k.dtype))
+        v.index_put_((rows, q[ok]), vq[ok].to(v.dtype))
+    if rotary:
         qh = _rotate(attn, qh, q)
-        k = _rotate(attn, k, torch.arange(T, device=x.device)[None].expand(x.shape[0], -1))
     scores = attn.calculate_attention_scores(qh, k)  # [B, H, w, T]
     if cfg.attention_dir == "causal":
-        keys = torch.arange(x.shape[1], device=x.device)
+        keys = torch.arange(k.shape[1], device=x.device)
         mask = keys[None, None, :] <= q[:, :, None]
         if attn.attn_type == "local":
             mask = mask & (keys[None, None, :] > q[:, :, None] - cfg.window_size)
@@ -467,7 +511,7 @@ def _last_block_at(block, x, q):
     out = F.linear(z.reshape(z.shape[0], z.shape[1], -1).to(w.dtype), w, attn.b_O)
     if cfg.use_normalization_before_and_after:
         out = block.ln1_post(out)
-    mid = _gather(x, q) + out
+    mid = (x if kv is not None else _gather(x, q)) + out
     return mid + block.apply_mlp(block.ln2(mid))
 
 
@@ -555,7 +599,10 @@ def finish(model, saes: list, streams: list, recon: list, var_tokens: int, need:
         pairs = [(j, int(t), w) for j in chosen for t, w in zip(s["top_tok"][j][:per], s["top_win"][j][:per]) if t >= 0]
         s["ablation"] = {}
         if pairs:
-            eff = ablation_effects(model, sp, pairs, inputs, targets, device, batch, (kept or {}).get(entry), clean_nll)
+            kv = last_block_kv(model, sp, inputs.shape[1])
+            kv = None if kv is None or not kept or kv[0] not in kept else (kept[kv[0]], kept[kv[1]])
+            eff = ablation_effects(model, sp, pairs, inputs, targets, device, batch, (kept or {}).get(entry), clean_nll,
+                                   kv)
             for (j, t, _), e in zip(pairs, eff):
                 s["ablation"].setdefault(j, {})[t] = e
         out.append(s)
