@@ -17,16 +17,14 @@ def templates_dir() -> Path:
 
 
 def _pct(v, digits: int = 1) -> str:
-    from .stats import value
-
-    v = value(v)  # a metric dict shows its value here; `metric` shows its interval and n too
+    if isinstance(v, dict):  # a metric dict shows its value here (stats.value); `metric` shows its interval and n too
+        v = v.get("value")
     return "–" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def _num(v, digits: int = 2) -> str:
-    from .stats import value
-
-    v = value(v)
+    if isinstance(v, dict):  # a metric dict: its value (stats.value)
+        v = v.get("value")
     if v is None:
         return "–"
     if isinstance(v, int):
@@ -63,16 +61,14 @@ HEAT_LEVELS = 8
 
 
 def _ctx(x: dict, peak: float) -> str:
-    """One context of a feature card as compact HTML (Markup): `<div class="ctx" data-o=FLAT>` holding the
+    """One context of a feature card as compact HTML (a str, for `_card_contexts` to join): `<div class="ctx" data-o=FLAT>` holding the
     activation, then the tokens. Neighbours that do not fire and show as one character each are one text run
     (the page's script splits it per character on hover); every other token is an `<i>`: a firing one
     `<i class="hN" data-a=A>` (N: heat level), the activating token framed. With an "ablation" list, a second
     line shades each token by the loss change of ablating the feature (red: the loss rises without it)."""
-    from markupsafe import Markup, escape
-
     texts = [_tok_plain(t) for t in x["t"]]
     at = x["at"]
-    out = [f'<div class="ctx" data-o="{x.get("o", "")}"><b>{escape(_num(x["activation"], 2))}</b>']
+    out = [f'<div class="ctx" data-o="{x.get("o", "")}"><b>{_num(x["activation"], 2)}</b>']  # digits: nothing to escape
     put = out.append
     scale = HEAT_LEVELS / peak if peak else 0.0
     for i, ((text, one), a) in enumerate(zip(texts, x["a"])):
@@ -95,7 +91,7 @@ def _ctx(x: dict, peak: float) -> str:
             else:
                 put(f'<i class="{"up" if e > 0 else "dn"}{max(1, min(4, round(4 * abs(e) / scale)))}" data-d="{e:+.2g}">{text}</i>')
         put("</div>")
-    return Markup("".join(out))
+    return "".join(out)
 
 
 def _card_contexts(f: dict, on_paper: bool = False) -> str:
