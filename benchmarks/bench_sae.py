@@ -3,7 +3,7 @@
 1. floor: one forward pass of the example restoration model over 256 x 128 evaluation tokens with its SAE
    (TopK, 512 features) encoding the hooked activations; nothing that reads the SAE's codes can be faster.
    Measured warm (after one untimed pass), with the allocator tuned as `reportgen build` tunes its own
-   (`reportgen.cli.reuse_freed_memory`).
+   (`reportgen.heap.reuse_freed_memory`).
 2. all 512 features of the example SAE (every live one gets a card: --param sae_features.n_features=512,
    rank_by=mean), built by `reportgen build` in a child process with --timings: data (probe + statistics)
    + figures + HTML as a multiple of the floor (target <= 1.5x); the PDF (target <= 5 s); the page's size
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--sae", default=str(SAE), help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from reportgen.cli import reuse_freed_memory
+    from reportgen.heap import reuse_freed_memory
 
     reuse_freed_memory()  # the floor's process tunes its allocator as `reportgen build` does
     if args.child:

@@ -171,6 +171,7 @@ def build(timings, debug, eval_, no_index, **kw):
     """Build a report (HTML + PDF) for each checkpoint and update the site index in --out."""
     with _one_line_errors(debug, "reportgen: interrupted; finished reports are kept, unfinished ones were discarded", 130):
         from .build import BuildOptions, Timer, run_build  # noqa: F401
+        from .heap import reuse_freed_memory
 
         reuse_freed_memory()
         timer = Timer()
@@ -179,34 +180,6 @@ def build(timings, debug, eval_, no_index, **kw):
             import json
 
             click.echo(json.dumps({k: round(v, 4) for k, v in timer.phases.items()}), err=True)
-
-
-MMAP_THRESHOLD = 64 << 20  # bytes: blocks up to this size come from the heap and are reused once freed
-TRIM_THRESHOLD = 128 << 20  # bytes: freed memory at the heap's top kept for reuse, not handed back to the OS
-
-
-def reuse_freed_memory() -> bool:
-    """For this process (a build or watch command, which owns it): glibc's allocator keeps the memory a batch
-    frees for the next batch. By default it hands blocks of more than 128 KiB back to the OS when they are freed
-    (raising that cut-off only as large blocks come and go, up to 32 MiB), so each forward pass of a fresh
-    process page-faults its logits, codes and attention scores in anew: 0.2-0.6 s of system time in the SAE
-    example's probe, which a warm process does not pay. At most TRIM_THRESHOLD of freed memory is kept, and
-    blocks above MMAP_THRESHOLD are still mapped and unmapped on their own. Nothing is changed where the
-    MALLOC_* environment variables set the allocator's tuning, or where the C library is not glibc.
-    Returns whether it was set."""
-    import ctypes
-    import os
-    import platform
-
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 @contextlib.contextmanager
@@ -255,6 +228,7 @@ def watch(run_dir, interval, once, timings, debug, eval_, no_index, **kw):
     site index and the run's overview are kept current. A checkpoint that fails prints its error and watching goes
     on. Ctrl-C stops."""
     with _one_line_errors(debug, f"stopped watching {run_dir}", 0):
+        from .heap import reuse_freed_memory
         from .watch import watch as run_watch
 
         reuse_freed_memory()

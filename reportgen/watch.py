@@ -141,6 +141,7 @@ def watch(run_dir: Path, opts, interval: float = 30.0, once: bool = False, debug
     Returns the exit code: 2 when `once` and a checkpoint failed, else 0. Raises ReportgenError on bad options
     or a run folder that is a file (or, with `once`, missing)."""
     from .build import check_out
+    from .heap import release_freed_memory
     from .checkpoints import safe_name
     from .log import Timer
     from .config import validate
@@ -169,6 +170,7 @@ def watch(run_dir: Path, opts, interval: float = 30.0, once: bool = False, debug
         ready, growing = w.poll()
         if ready:
             built, errors = build_each(ready, opts, debug, timer)
+            release_freed_memory()  # the heap kept for the builds' batches (heap.reuse_freed_memory) goes back
             for p in ready:
                 w.mark(p)  # built, up to date, or failed: not again until its files change
             failed |= bool(errors)

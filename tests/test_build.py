@@ -371,22 +371,25 @@ def test_python_api_leaves_the_garbage_collector_as_it_was(tiny_run, tmp_path):
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_build_command_keeps_freed_memory_for_the_next_batch():
     """The build and watch commands tune glibc's allocator so that a block freed by one batch serves the next
-    (a fresh process otherwise maps and page-faults each batch's logits and codes anew); MALLOC_* variables win."""
+    (a fresh process otherwise maps and page-faults each batch's logits and codes anew); watch hands it back
+    between builds; MALLOC_* variables win."""
     code = """if True:
         import os, sys
-        from reportgen.cli import reuse_freed_memory
+        from reportgen.heap import release_freed_memory, reuse_freed_memory
         print(reuse_freed_memory() if sys.argv[1] == "1" else False)
         rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         before = rss()
-        b = b"x" * (48 << 20)  # above glibc's own largest cut-off for mapping a block apart (32 MiB)
+        b = b"x" * (48 << 20)  # glibc maps a block above 32 MiB apart and unmaps it when freed
         del b
+        print(rss() - before)
+        release_freed_memory()
         print(rss() - before)"""
     run = lambda flag, env=None: subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True,  # noqa: E731
                                                 check=True, env={**os.environ, **(env or {})}).stdout.split()
-    on, kept = run("1")
-    assert on == "True" and int(kept) > 40 << 20  # the freed 48 MiB is still there to reuse
-    off, kept = run("0")
-    assert off == "False" and int(kept) < 8 << 20  # glibc's default handed it back
+    on, kept, released = run("1")
+    assert on == "True" and int(kept) > 40 << 20 and int(released) < 8 << 20  # kept for reuse, then handed back
+    off, kept, _ = run("0")
+    assert off == "False" and int(kept) < 8 << 20  # glibc's default handed it back at once
     assert run("1", {"MALLOC_ARENA_MAX": "2"})[0] == "False"
 
 
