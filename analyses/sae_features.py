@@ -176,12 +176,16 @@ def _hover(trace, blocks: list) -> dict | None:
         return None
     ids, probs = tp["ids"], tp["probs"]
     n, T, k = ids.shape
-    shown = set()
+    starts, lens = [], []
     for b in blocks:
         for f in b["features"]:
             for x in f["examples"] + [e for iv in f["intervals"] for e in iv["examples"]]:
-                shown.update(range(x["o"], x["o"] + len(x["t"])))
-    pos = np.array(sorted(p for p in shown if p < n * T), dtype=np.int64)
+                starts.append(x["o"])
+                lens.append(len(x["t"]))
+    lens = np.asarray(lens, np.int64)
+    first = np.cumsum(lens) - lens  # each context's first entry in the flat list of its positions
+    pos = np.repeat(np.asarray(starts, np.int64) - first, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+    pos = np.unique(pos[pos < n * T])  # sorted
     dense = len(pos) >= 0.4 * n * T
     if dense:
         pos = np.arange(n * T)

@@ -124,6 +124,22 @@ def _logit_rows(f: dict) -> str:
                           for p, n in zip_longest(f["logits_pos"], f["logits_neg"])))
 
 
+def _index_rows(rows: list, prefix: str = "") -> str:
+    """The feature index's table rows (Markup): id (linked to its card where it has one), density, max, mean
+    and top token; a dense feature's row marked."""
+    from markupsafe import Markup, escape
+
+    p = escape(prefix)
+    out = []
+    for r in rows:
+        i = int(r["id"])
+        cell = f'<a href="#{p}feature-{i}">{i}</a>' if r["card"] else str(i)
+        dense = ' class="dense"' if r["dense"] else ""
+        out.append(f'<tr id="{p}f{i}"{dense}><td>{cell}</td><td>{_pct(r["density"], 2)}'
+                   f'</td><td>{_num(r["max"], 2)}</td><td>{_num(r["mean"], 3)}</td><td class="tk">{_tok(r["top"])}</td></tr>\n')
+    return Markup("".join(out))
+
+
 @lru_cache(maxsize=16384)
 def _tok_plain(s: str) -> tuple[str, bool]:
     """(the token's HTML, whether it shows as exactly one character: such tokens may stand in a text run)."""
@@ -190,6 +206,7 @@ def _environment(override: str | None):
     env.filters["bars"] = _bars
     env.filters["card_contexts"] = _card_contexts
     env.filters["logit_rows"] = _logit_rows
+    env.filters["index_rows"] = _index_rows
     return env
 
 
