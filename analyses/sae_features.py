@@ -14,7 +14,7 @@ drawn as SVG directly and as small SVG images in the cards (no matplotlib), whic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -251,7 +251,7 @@ def _contexts(toks, wins: np.ndarray, acts, flat, T: int, voc: np.ndarray) -> li
     c = (wins.shape[1] - 1) // 2
     seq, pos = np.divmod(toks, T)
     lo, hi = np.maximum(pos - c, 0), np.minimum(pos + c + 1, T)
-    ids = voc[flat[np.clip(toks[:, None] + np.arange(-c, c + 1), 0, len(flat) - 1)]].tolist()
+    ids = voc[flat[np.minimum(np.maximum(toks[:, None] + np.arange(-c, c + 1), 0), len(flat) - 1)]].tolist()
     A = np.round(wins.astype(np.float64), 3).tolist()
     out = []
     for i, (sq, p, a, b, act) in enumerate(zip(seq.tolist(), pos.tolist(), lo.tolist(), hi.tolist(), acts)):
@@ -274,13 +274,13 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -
     hist = s["hist"][j]
     fires = int(s["count"][j])
     top_max = float(s["max"][j])
-    edges = bin_edges()
+    edges, log_edges = _edges()
     intervals = []
     if params.intervals and params.interval_examples and fires > len(examples):
         sv, st, sw = s["sample_val"][j], s["sample_tok"][j], s["sample_win"][j]
-        qs = _quantiles(hist, edges, np.linspace(0, 1, params.intervals + 1), top_max)
+        qs = _quantiles(hist, log_edges, _grid(params.intervals), top_max)
         K, q = params.intervals, np.asarray(qs)
-        which = np.clip(np.searchsorted(q[1:-1], sv, side="right"), 0, K - 1)
+        which = np.searchsorted(q[1:-1], sv, side="right")  # 0 .. K-1
         # each interval's first samples (the sample is in random order), then best first within an interval
         every = np.flatnonzero((st >= 0) & (sv >= q[which]))
         every = every[np.argsort(which[every], kind="stable")]
@@ -319,21 +319,37 @@ def _card(j, s, params, flat, T, voc, density, mean_act, cooc, carded, prefix) -
     return card
 
 
-def _quantiles(hist: np.ndarray, edges: np.ndarray, qs: np.ndarray, top: float) -> list:
-    """Activation values at the quantiles qs of a feature's log-binned histogram (log-linear within a bin);
-    the last is the feature's maximum."""
+def _quantiles(hist: np.ndarray, le: np.ndarray, qs: np.ndarray, top: float) -> list:
+    """Activation values at the quantiles qs of a feature's log-binned histogram (log-linear within a bin; `le`
+    the log10 of the bins' edges); the last is the feature's maximum."""
     total = hist.sum()
     if not total:
         return [0.0] * len(qs)
     cdf = np.concatenate([[0], np.cumsum(hist)]) / total
-    le = np.log10(edges)
     first = int(np.flatnonzero(hist)[0])
-    i = np.clip(np.searchsorted(cdf, qs, side="left") - 1, first, len(hist) - 1)
+    i = np.minimum(np.maximum(np.searchsorted(cdf, qs, side="left") - 1, first), len(hist) - 1)
     span = cdf[i + 1] - cdf[i]
     frac = np.divide(qs - cdf[i], span, out=np.zeros(len(qs)), where=span > 0)
     out = np.minimum(10 ** (le[i] + frac * (le[i + 1] - le[i])), top).tolist()
     out[-1] = top
     return out
+
+
+@lru_cache(maxsize=1)
+def _edges() -> tuple[np.ndarray, np.ndarray]:
+    """The probe's histogram bin edges and their log10 (read-only)."""
+    e = bin_edges()
+    le = np.log10(e)
+    e.flags.writeable = le.flags.writeable = False
+    return e, le
+
+
+@lru_cache(maxsize=8)
+def _grid(k: int) -> np.ndarray:
+    """Quantile levels 0, 1/k, ..., 1 (read-only)."""
+    g = np.linspace(0, 1, k + 1)
+    g.flags.writeable = False
+    return g
 
 
 def _prompt(p: dict, voc, carded, prefix) -> dict:
