@@ -200,6 +200,28 @@ def test_streamed_statistics_equal_brute_force_and_do_not_depend_on_batches(monk
     assert d["l0"] == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("search_cost", [0, 10**9], ids=["searched", "dense"])
+def test_topk_codes_taken_sparse_give_what_the_dense_codes_give(monkeypatch, search_cost):
+    """A TopK SAE's codes come as its TopK's sparse (token, feature) pairs, the window activations found among them
+    or read from dense codes made where that is cheaper: every statistic equals the one from SAELens's dense codes."""
+    import json
+
+    import reportgen.probes.sae as P
+
+    tokens = np.random.default_rng(9).integers(0, 256, (10, 24))
+    sae = topk_sae(k=6)
+    assert P.Spliced(sae)._topk is not None
+    monkeypatch.setattr(P.Codes, "SEARCH_COST", search_cost)
+    *_, tr, d = probe_with(sae, tokens, max_batch=3, n_features=8, examples=4, context=3, ablate=1, rank_by="max")
+    monkeypatch.setattr(P.Spliced, "codes", lambda self, flat: P.Codes.of(self.encode(flat)))  # dense, as before
+    *_, tr1, d1 = probe_with(sae, tokens, max_batch=3, n_features=8, examples=4, context=3, ablate=1, rank_by="max")
+    a, b = tr.sae[0], tr1.sae[0]
+    for key in ("count", "sum", "max", "hist", "cooc", "top_tok", "top_val", "top_win", "sample_tok", "sample_val", "sample_win"):
+        assert np.array_equal(a[key], b[key], equal_nan=True), key
+    assert a["explained_variance"] == b["explained_variance"] and a["l0"] == b["l0"]
+    assert json.dumps(d["features"]) == json.dumps(d1["features"])
+
+
 def test_quantile_intervals_hold_equal_shares():
     tokens = np.random.default_rng(6).integers(0, 256, (40, 32))
     sae = topk_sae(d_sae=16, k=6)  # dense features: many firings each

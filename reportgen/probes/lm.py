@@ -216,12 +216,12 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
         sp = saes[i]
 
         def hook_fn(x, hook):
-            f = sp.encode(sp.flat(x))
-            streams[i].update(f, state["lo"] * T)
+            codes = sp.codes(sp.flat(x))
+            streams[i].update(codes, state["lo"] * T)
             if sp.transcoder:
-                held[i] = f
+                held[i] = codes
             else:
-                on_target(i, f, x)
+                on_target(i, codes, x)
         return hook_fn
 
     def on_sae_out(i):
@@ -229,12 +229,12 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
             on_target(i, held.pop(i), x)
         return hook_fn
 
-    def on_target(i, f, x):  # reconstruction error on the first var_seqs sequences (a dense decode costs an encode)
+    def on_target(i, codes, x):  # reconstruction error on the first var_seqs sequences (a dense decode costs an encode)
         lo, r = state["lo"], recon[i]
         if lo < var_seqs:
             m = min(var_seqs - lo, x.shape[0]) * T
             sub = saes[i].flat(x)[:m].float()
-            r["err"] += (saes[i].decode(f[:m]).float().reshape(sub.shape) - sub).pow(2).sum().item()
+            r["err"] += (saes[i].decode(codes.dense(m)).float().reshape(sub.shape) - sub).pow(2).sum().item()
             r["sum"] = sub.sum(0) if r["sum"] is None else r["sum"] + sub.sum(0)
             r["sq"] = sub.pow(2).sum(0) if r["sq"] is None else r["sq"] + sub.pow(2).sum(0)
 

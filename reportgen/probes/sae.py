@@ -46,6 +46,9 @@ class Spliced:
         self.d_sae, self.d_in = int(c.d_sae), int(c.d_in)
         if getattr(sae, "hook_z_reshaping_mode", False):  # we flatten [.., heads, d_head] ourselves
             sae.turn_off_forward_pass_hook_z_reshaping()
+        act = getattr(sae, "activation_fn", None)  # SAELens's TopK can give its codes as the top-k pairs alone
+        self._topk = act if (type(act).__name__, type(act).__module__) == ("TopK", "sae_lens.saes.topk_sae") and \
+            hasattr(act, "use_sparse_activations") else None
 
     def flat(self, x):
         """[B,T,...] activations at a hook -> [B*T, width] (one head of hook_z when the SAE reads one)."""
@@ -59,6 +62,19 @@ class Spliced:
     def decode(self, f):
         return self.sae.decode(f)
 
+    def codes(self, flat) -> "Codes":
+        """SAELens's encode of flattened activations as `Codes`. A TopK SAE's TopK activation is asked for its
+        sparse output (its `use_sparse_activations`): the same values, without the dense [n, d_sae] codes and
+        the scan for their non-zero entries (at 16k features, 67M entries a batch)."""
+        act = self._topk
+        if act is None or act.use_sparse_activations:
+            return Codes.of(self.encode(flat))
+        act.use_sparse_activations = True
+        try:
+            return Codes.of(self.encode(flat))
+        finally:
+            act.use_sparse_activations = False
+
     def replace(self, x, new_flat):
         """x with the SAE's part (all of it, or its head) replaced by `new_flat` [B*T, width]."""
         B, T = x.shape[:2]
@@ -70,6 +86,58 @@ class Spliced:
 
     def decoder_rows(self, ids):
         return self.sae.W_dec.detach()[ids].float()
+
+
+class Codes:
+    """One batch of an SAE's codes [n, d] as its non-zero entries: token `rows`, feature `cols` and activations
+    `vals` (float32), in token then feature order; the dense codes where the SAE gave them, else made on demand."""
+
+    SEARCH_COST = 64  # a binary search among the entries costs about as much as writing this many dense entries
+
+    def __init__(self, rows, cols, vals, n: int, d: int, dense=None, dtype=None):
+        self.rows, self.cols, self.vals, self.n, self.d, self._dense = rows, cols, vals, n, d, dense
+        self.dtype = dtype or vals.dtype  # the SAE's: what `dense` gives back
+        self._key = None
+
+    @classmethod
+    def of(cls, f) -> "Codes":
+        n, d = f.shape
+        if f.is_sparse:
+            f = f.coalesce()  # sorted by (token, feature); a TopK gives each pair once
+            (r, c), v = f.indices(), f.values()
+            keep = v != 0  # the TopK keeps its k largest pre-activations, ReLU'd: some may be 0
+            return cls(r[keep], c[keep], v[keep].float(), n, d, dtype=v.dtype)
+        r, c = f.nonzero(as_tuple=True)
+        return cls(r, c, f[r, c].float(), n, d, dense=f)
+
+    def at(self, rows, cols):
+        """The activations at (token, feature) index tensors of one shape (0 where the code is 0): found among the
+        sorted entries (SEARCH_COST), or read from the dense codes, made for this where that is cheaper."""
+        import torch
+
+        if self._dense is None and rows.numel() * self.SEARCH_COST >= self.n * self.d:
+            self._dense = self.dense()
+        if self._dense is not None:
+            return self._dense[rows, cols].float()
+        if self._key is None:
+            self._key = self.rows * self.d + self.cols  # ascending
+        q = (rows * self.d + cols).reshape(-1)
+        if not len(self._key):
+            return torch.zeros(rows.shape, device=q.device)
+        i = torch.searchsorted(self._key, q).clamp_max(len(self._key) - 1)
+        return torch.where(self._key[i] == q, self.vals[i], torch.zeros_like(self.vals[i])).reshape(rows.shape)
+
+    def dense(self, m: int | None = None):
+        """The dense codes of the first m tokens (all by default) [m, d]."""
+        import torch
+
+        m = self.n if m is None else min(m, self.n)
+        if self._dense is not None:
+            return self._dense[:m]
+        out = torch.zeros((m, self.d), dtype=self.dtype, device=self.vals.device)
+        k = self.rows < m
+        out[self.rows[k], self.cols[k]] = self.vals[k].to(self.dtype)
+        return out
 
 
 class _Best:
@@ -86,9 +154,9 @@ class _Best:
         self.val = torch.zeros((d, K), device=device)
         self.win = torch.full((d, K, 2 * c + 1), math.nan, dtype=torch.float16, device=device)
 
-    def offer(self, cols, score, tok, val, f, base: int, T: int, unit: bool = False):
-        """Entries (feature, score, token, activation) in token order; `unit`: scores in (-1, 0] (the sample's
-        random keys), sorted by feature and score at once."""
+    def offer(self, cols, score, tok, val, codes: Codes, base: int, T: int, unit: bool = False):
+        """Entries (feature, score, token, activation) in token order, of the batch `codes`; `unit`: scores in
+        (-1, 0] (the sample's random keys), sorted by feature and score at once."""
         import torch
 
         idx = (score > self.score[cols, -1]).nonzero().squeeze(1)
@@ -117,7 +185,7 @@ class _Best:
         seq, pos = local // T, local % T
         q = pos[:, None] + torch.arange(-self.c, self.c + 1, device=pos.device)
         inside = (q >= 0) & (q < T)
-        w = f[(seq * T)[:, None] + q.clamp(0, T - 1), cols[:, None]].float()
+        w = codes.at((seq * T)[:, None] + q.clamp(0, T - 1), cols[:, None].expand(-1, q.shape[1]))
         cw[inv, rank] = torch.where(inside, w, torch.full_like(w, math.nan)).to(torch.float16)
         S = torch.cat([self.score[feats], cs], 1)
         order = torch.argsort(S, dim=1, descending=True, stable=True)[:, :self.K]
@@ -146,13 +214,13 @@ class FeatureStream:
         self.n_tokens, self.l0_sum, self.l0_sq = 0, 0.0, 0.0
         self.cooc = []  # (token, feature) int32 pairs of the first cooc_tokens tokens
 
-    def update(self, f, base: int) -> None:
-        """Codes f [n, d] of tokens base .. base+n-1 (whole sequences of T tokens)."""
+    def update(self, codes, base: int) -> None:
+        """Codes (a `Codes`, or dense [n, d]) of tokens base .. base+n-1 (whole sequences of T tokens)."""
         import torch
 
-        rows, cols = f.nonzero(as_tuple=True)
-        val = f[rows, cols].float()
-        n = f.shape[0]
+        if not isinstance(codes, Codes):
+            codes = Codes.of(codes)
+        rows, cols, val, n = codes.rows, codes.cols, codes.vals, codes.n
         self.n_tokens += n
         per = torch.bincount(rows, minlength=n).double()
         self.l0_sum += float(per.sum())
@@ -163,9 +231,9 @@ class FeatureStream:
         b = ((torch.log10(val.abs().clamp_min(1e-30)) - LOG_LO) * PER_DECADE).floor().clamp_(0, N_BINS - 1).long()
         self.hist.index_add_(0, cols * N_BINS + b, torch.ones_like(b, dtype=torch.int32))
         tok = rows + base
-        self.top.offer(cols, val, tok, val, f, base, self.T)
+        self.top.offer(cols, val, tok, val, codes, base, self.T)
         key = torch.rand(len(val), generator=self.gen, device=val.device)
-        self.sample.offer(cols, -key, tok, val, f, base, self.T, unit=True)
+        self.sample.offer(cols, -key, tok, val, codes, base, self.T, unit=True)
         if base < self.cooc_tokens:
             m = tok < self.cooc_tokens
             self.cooc.append(torch.stack([tok[m], cols[m]], 1).to(torch.int32).cpu())
