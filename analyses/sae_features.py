@@ -84,6 +84,7 @@ def needs(params: Params) -> dict:
                     "reservoir": max(params.intervals * max(params.interval_examples, 1) * 3, 1),
                     "context": params.context, "cooc_tokens": params.cooc_tokens, "top_predictions": params.predictions,
                     "logits": params.logits, "neighbours": max(params.neighbours, 1), "ablate": params.ablate,
+                    "cards": len(params.ids) if params.ids else params.n_features,
                     "choose": partial(choose, params), "prompts": params.prompts,
                     "prompt_features": params.prompt_features}}
 

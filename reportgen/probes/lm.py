@@ -249,6 +249,14 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
     # (the sequences of its clean / spliced loss still run whole).
     last = [layer_of(h) for sp in saes for h in (sp.hook, sp.out_hook)]
     full = bool(att) or "logits" in needs or not want_sae or n_pred > 0 or None in last
+    if not full and int(sn.get("ablate", 0)) > 0:
+        # the ablation of the chosen features needs the stream where its runs start and the clean loss: kept from a
+        # whole pass, or recomputed for each (feature, context) pair from the tokens; whichever runs fewer blocks
+        from .sae import entry_hook
+
+        pairs = int(sn.get("cards", 0)) * int(sn["ablate"])
+        again = pairs * (max(entry_hook(sp, L)[1] for sp in saes) + 2)  # the blocks up to its start, the last twice
+        full = again > max(n_act - loss_seqs, 0) * (L - max(last))  # the blocks after the SAE's, and the unembedding
     stop = None if full else max(last) + 1
     d_sae = sum(sp.d_sae for sp in saes)
     end = max(n_eval, n_act) if full else n_act
