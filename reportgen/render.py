@@ -6,6 +6,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from .stats import value  # a metric dict's number (numpy, which every caller has loaded already)
+
 
 def templates_dir() -> Path:
     """templates/ beside the package in a checkout, or reportgen/templates in a wheel."""
@@ -17,14 +19,12 @@ def templates_dir() -> Path:
 
 
 def _pct(v, digits: int = 1) -> str:
-    if isinstance(v, dict):  # a metric dict shows its value here (stats.value); `metric` shows its interval and n too
-        v = v.get("value")
+    v = value(v)  # a metric dict shows its value here; `metric` shows its interval and n too
     return "–" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def _num(v, digits: int = 2) -> str:
-    if isinstance(v, dict):  # a metric dict: its value (stats.value)
-        v = v.get("value")
+    v = value(v)
     if v is None:
         return "–"
     if isinstance(v, int):
@@ -37,7 +37,7 @@ def _metric(m, kind: str = "num"):
     from an older report.json shows alone)."""
     import markupsafe
 
-    from .stats import fmt, value
+    from .stats import fmt
 
     if value(m) is None:
         return "–"
@@ -61,8 +61,8 @@ HEAT_LEVELS = 8
 
 
 def _ctx(x: dict, peak: float) -> str:
-    """One context of a feature card as compact HTML (a str, for `_card_contexts` to join): `<div class="ctx" data-o=FLAT>` holding the
-    activation, then the tokens. Neighbours that do not fire and show as one character each are one text run
+    """One context of a feature card as compact HTML (a str, for `_card_contexts` to join): `<div class="ctx"
+    data-o=FLAT>` holding the activation, then the tokens. Neighbours that do not fire and show as one character each are one text run
     (the page's script splits it per character on hover); every other token is an `<i>`: a firing one
     `<i class="hN" data-a=A>` (N: heat level), the activating token framed. With an "ablation" list, a second
     line shades each token by the loss change of ablating the feature (red: the loss rises without it)."""

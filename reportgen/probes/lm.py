@@ -185,7 +185,7 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
            "min": torch.full((L, H), float("inf")), "max": torch.full((L, H), float("-inf"))}
     seq_ent = np.zeros((n_act, L, H), dtype=np.float64) if att else None  # per-sequence mean entropy
     pattern = torch.zeros(L, H, shown, shown)
-    from .sae import FeatureStream, Spliced
+    from .sae import FeatureStream, Spliced, entry_hook, last_block_kv
 
     sn = needs.get("sae", {})
     saes = [] if sae is None or "sae" not in needs else [x if isinstance(x, Spliced) else Spliced(x)
@@ -249,11 +249,10 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
     # (the sequences of its clean / spliced loss still run whole).
     last = [layer_of(h) for sp in saes for h in (sp.hook, sp.out_hook)]
     full = bool(att) or "logits" in needs or not want_sae or n_pred > 0 or None in last
-    if not full and int(sn.get("ablate", 0)) > 0:
+    ablate = want_sae and int(sn.get("ablate", 0)) > 0
+    if not full and ablate:
         # the ablation of the chosen features needs the stream where its runs start and the clean loss: kept from a
         # whole pass, or recomputed for each (feature, context) pair from the tokens; whichever runs fewer blocks
-        from .sae import entry_hook
-
         pairs = int(sn.get("cards", 0)) * int(sn["ablate"])
         again = pairs * (max(entry_hook(sp, L)[1] for sp in saes) + 2)  # the blocks up to its start, the last twice
         full = again > max(n_act - loss_seqs, 0) * (L - max(last))  # the blocks after the SAE's, and the unembedding
@@ -265,9 +264,6 @@ def _probe_lm(subject, tokens, inputs, scored, needs, device, budget, samples, s
         B = min(B, max(1, CPU_BATCH_TOKENS // T))
     # for the ablation of chosen features: the residual stream where those runs start, kept when it fits
     # (else recomputed for the few sequences needed), and the clean per-token loss at every position
-    from .sae import entry_hook, last_block_kv
-
-    ablate = want_sae and int(sn.get("ablate", 0)) > 0
     entries = sorted({entry_hook(sp, L)[0] for sp in saes} - {""}) if ablate else []
     kv = sorted({h for sp in saes for h in (last_block_kv(model, sp, T) or ())}) if entries else []
     kv_width = 2 * (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head if kv else 0

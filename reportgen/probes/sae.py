@@ -427,14 +427,13 @@ def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: s
     the activations of its 2c+1 tokens less the feature's activation times its decoder row (the SAE's error
     kept). The runs start from the residual stream before the first block the change reaches, `kept` [N,T,d]
     when the probe kept it, else recomputed; `clean_nll` [N,T] likewise; `kv`: the last block's clean keys
-    and values [N,T,heads,d_head] at the hooks `last_block_kv` names, when the probe kept them."""
+    and values [N,T,heads,d_head] at the hooks `last_block_kv` names (given only where it names them), when
+    the probe kept them."""
     import torch
 
     T = inputs.shape[1]
     entry, start = entry_hook(sp, model.cfg.n_layers)
     direct = sp.out_hook.endswith(("hook_resid_pre", "hook_resid_post"))
-    if kv is not None and (kept is None or last_block_kv(model, sp, T) is None):
-        kv = None
     out = []
     with torch.inference_mode():
         for lo in range(0, len(pairs), batch):
@@ -449,7 +448,7 @@ def ablation_effects(model, sp: Spliced, pairs: list, inputs, targets, device: s
             tg = torch.as_tensor(targets[s], device=device).long().gather(1, qc)  # [B, 2c+1]
             js = torch.as_tensor([int(j) for j, _, _ in chunk], device=device)
             dec = sp.decoder_rows(js).to(device)  # [B, d]
-            if kv is not None and clean_nll is not None:  # the last block at the window, its clean keys and values kept
+            if kv is not None and kept is not None and clean_nll is not None:  # the last block at the window alone
                 aw = torch.as_tensor(np.where(ok, np.nan_to_num(W), 0), dtype=torch.float32, device=device)
                 si = torch.as_tensor(s)[:, None]
                 xq = kept[si, qc.cpu()].to(device)  # the block's input at the window [B, 2c+1, d]
